@@ -1,0 +1,486 @@
+"""The BITS server core: a werkzeug request in, an Ack response out.
+
+One method per packet, picked from a table (PROTOCOL.md section 7). Knows nothing of
+Flask: the Flask extension and the WSGI middleware are thin glue around
+:class:`BITSServer`. Every answer is an Ack; every failure becomes an error Ack.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import typing as t
+from dataclasses import dataclass
+
+from werkzeug.wrappers import Request
+from werkzeug.wrappers import Response
+
+from . import paths
+from .config import DirectoryConfig
+from .constants import Header
+from .constants import PacketType
+from .errors import AccessDenied
+from .errors import BITSError
+from .errors import DestinationExists
+from .errors import FragmentTooLarge
+from .errors import InternalError
+from .errors import InvalidRequest
+from .errors import RangeMismatch
+from .errors import SessionNotFound
+from .errors import UploadsDisabled
+from .errors import UploadTooLarge
+from .protocol import Ack
+from .protocol import ContentRange
+from .protocol import canonical_session_id
+from .protocol import check_header_sizes
+from .protocol import negotiate_protocol
+from .protocol import new_session_id
+from .protocol import parse_content_length
+from .protocol import parse_content_range
+from .store import COMPLETE
+from .store import FINISHED
+from .store import RECEIVING
+from .store import Session
+from .store import SessionGone
+from .store import SessionState
+from .store import SessionStore
+
+log = logging.getLogger("flask_bits")
+
+#: ``authorize(request, remote_path, packet_type)``: ``False`` denies (403); may raise
+#: :class:`BITSError` or return a werkzeug ``Response`` (a 401 challenge) to send as is.
+Authorizer = t.Callable[[Request, str, "PacketType | None"], "bool | Response | None"]
+#: ``identify(request)``: the principal that owns sessions, or ``None`` (anonymous).
+Identifier = t.Callable[[Request], "str | None"]
+#: ``on_event(name, **data)``: how the core reports events to the glue (signals).
+EventSink = t.Callable[..., None]
+
+
+_SESSION_PACKETS = (PacketType.FRAGMENT, PacketType.CLOSE_SESSION, PacketType.CANCEL_SESSION)
+
+
+class ClientGone(InvalidRequest):
+    """The request body ended before ``Content-Length`` bytes arrived."""
+
+    default_message = "The request body ended early; what arrived was kept."
+
+
+class AckResponse(Response):
+    """A response that carries no body and no ``Content-Type`` (PROTOCOL.md T7)."""
+
+    default_mimetype = None
+
+
+def default_identity(request: Request) -> str | None:
+    """The owner of new sessions: ``REMOTE_USER`` as set by the server or app."""
+    user = request.environ.get("REMOTE_USER")
+    return str(user) if user else None
+
+
+@dataclass(slots=True)
+class _Packet:
+    request: Request
+    type: PacketType
+    remote_path: str
+    content_length: int
+    owner: str | None
+    session_id: str | None
+
+
+class BITSServer:
+    """Serves one upload directory (one URL prefix with its folders and settings).
+
+    :param config: the directory's validated settings.
+    :param name: the directory's name (sessions are bound to it).
+    :param authorize: see :data:`Authorizer`.
+    :param identify: see :data:`Identifier`.
+    :param on_event: see :data:`EventSink`.
+    """
+
+    def __init__(
+        self,
+        config: DirectoryConfig,
+        *,
+        name: str = "bits",
+        authorize: Authorizer | None = None,
+        identify: Identifier | None = None,
+        on_event: EventSink | None = None,
+    ) -> None:
+        self.config = config
+        self.name = name
+        self.authorize = authorize
+        self.identify = identify or default_identity
+        self.on_event = on_event or (lambda name, **data: None)
+        self.store = SessionStore(
+            config.session_folder, lock_timeout=config.lock_timeout, fsync=config.fsync
+        )
+        os.makedirs(config.upload_folder, exist_ok=True)
+        #: Set by :mod:`flask_bits.reply` when this directory answers with replies.
+        self.replies: t.Any = None
+        self._handlers: dict[PacketType, t.Callable[[_Packet], Ack]] = {
+            PacketType.CREATE_SESSION: self._create_session,
+            PacketType.FRAGMENT: self._fragment,
+            PacketType.CLOSE_SESSION: self._close_session,
+            PacketType.CANCEL_SESSION: self._cancel_session,
+        }
+        self._last_cleanup_check = 0.0
+
+    # -- entry point ---------------------------------------------------------------
+
+    def handle(self, request: Request, remote_path: str) -> Response:
+        """Answer one ``BITS_POST`` request for ``remote_path`` (relative to the prefix)."""
+        started = time.monotonic()
+        packet_name = request.headers.get(Header.PACKET_TYPE, "-")[:32]
+        sid = None
+        if PacketType.parse(packet_name) in _SESSION_PACKETS:
+            sid = canonical_session_id(request.headers.get(Header.SESSION_ID))
+        try:
+            result = self._dispatch(request, remote_path)
+        except BITSError as exc:
+            result = self.error_ack(exc, sid)
+        except Exception:
+            log.exception("Unexpected error handling %s", _printable(packet_name))
+            result = self.error_ack(InternalError(), sid)
+        if isinstance(result, Response):
+            return self.as_ack(result, sid)
+        self._log(result, packet_name, request, started)
+        return self.ack_response(result)
+
+    def error_ack(self, error: BITSError, session_id: str | None) -> Ack:
+        """The Ack for ``error``; the session id is echoed only for session packets."""
+        return Ack.for_error(error, session_id)
+
+    def ack_response(self, ack: Ack) -> Response:
+        """Turn an :class:`Ack` into a bodiless werkzeug response."""
+        return AckResponse(
+            b"",
+            status=ack.status,
+            headers=ack.to_headers(send_bits_error=self.config.send_bits_error),
+        )
+
+    def as_ack(self, response: Response, session_id: str | None = None) -> Response:
+        """Turn any response to a ``BITS_POST`` (an auth challenge, a werkzeug error page)
+        into an Ack with the same status: no body, error headers, challenges kept."""
+        if response.headers.get(Header.PACKET_TYPE) == "Ack":
+            return response
+        status = response.status_code
+        if status < 400:
+            error: BITSError = InternalError("The application answered a BITS packet "
+                                             "with a non-Ack response.")
+        else:
+            error = _HTTP_ERRORS.get(status, InvalidRequest if status < 500 else InternalError)(
+                _HTTP_MESSAGES.get(status), status=status)
+        ack = self.error_ack(error, session_id)
+        for name in _KEPT_HEADERS:
+            for value in response.headers.getlist(name):
+                ack.headers.append((name, value))
+        response.close()
+        return self.ack_response(ack)
+
+    def _log(self, ack: Ack, packet: str, request: Request, started: float) -> None:
+        ms = (time.monotonic() - started) * 1000
+        size = request.content_length or 0
+        error = ack.error
+        if error is None:
+            log.info("%s session=%s status=%d bytes=%d %.1fms", _printable(packet),
+                     ack.session_id or "-", ack.status, size, ms)
+        else:
+            level = logging.INFO if error.client_fault else logging.WARNING
+            log.log(level, "%s session=%s status=%d hresult=0x%08X bytes=%d %.1fms: %s",
+                    _printable(packet), ack.session_id or "-", ack.status,
+                    error.hresult & 0xFFFFFFFF, size, ms, error.message)
+
+    def _dispatch(self, request: Request, remote_path: str) -> Ack | Response:
+        check_header_sizes(request.headers.items())
+        raw_type = request.headers.get(Header.PACKET_TYPE)
+        packet_type = PacketType.parse(raw_type)
+        # PROTOCOL.md 6: authentication first (a 401 even for Ping, A35), then 501.
+        if self.authorize is not None:
+            verdict = self.authorize(request, remote_path, packet_type)
+            if isinstance(verdict, Response):
+                return verdict
+            if verdict is False:
+                raise AccessDenied()
+        if not self.config.upload_enabled:
+            raise UploadsDisabled()
+        if packet_type is None:
+            if raw_type is None:
+                raise InvalidRequest("The BITS-Packet-Type header is missing.")
+            raise InvalidRequest("Unknown BITS-Packet-Type.")
+        if "chunked" in request.headers.get("Transfer-Encoding", "").lower():
+            raise InvalidRequest("Chunked request bodies are not allowed; send Content-Length.")
+        content_length = parse_content_length(request.headers.get("Content-Length"))
+        if content_length is None:
+            raise InvalidRequest("The Content-Length header is missing.")
+        if packet_type is not PacketType.FRAGMENT and content_length != 0:
+            raise InvalidRequest(f"A {packet_type.value} packet must have Content-Length: 0.")
+        if packet_type is PacketType.PING:
+            return Ack(200)  # PROTOCOL.md 7.1: nothing beyond the checks above
+        packet = _Packet(
+            request=request,
+            type=packet_type,
+            remote_path=remote_path,
+            content_length=content_length,
+            owner=self.identify(request),
+            session_id=request.headers.get(Header.SESSION_ID),
+        )
+        return self._handlers[packet_type](packet)
+
+    # -- packets ---------------------------------------------------------------------
+
+    def _create_session(self, packet: _Packet) -> Ack:
+        """Create-Session (PROTOCOL.md 7.2)."""
+        cfg = self.config
+        protocol = negotiate_protocol(packet.request.headers.get(Header.SUPPORTED_PROTOCOLS))
+        names = paths.split_remote_path(packet.remote_path)
+        paths.destination_path(cfg.upload_folder, names)
+        exists = paths.destination_exists(cfg.upload_folder, names)
+        if exists and not cfg.allow_overwrites and self.places_files:
+            raise DestinationExists(status=cfg.overwrite_status)
+        now = time.time()
+        state = SessionState(
+            id=new_session_id(),
+            directory=self.name,
+            remote_path=packet.remote_path,
+            url=packet.request.url,
+            owner=packet.owner,
+            protocol=protocol,
+            created=now,
+            last_activity=now,
+            timeout=cfg.session_timeout,
+            content_name=_content_name(packet.request),
+        )
+        self.store.create(state, owner_limit=cfg.session_limit, total_limit=cfg.max_sessions)
+        ack = Ack(200, session_id=state.id)
+        ack.headers.append((Header.PROTOCOL, protocol))
+        ack.headers.append(("Accept-Encoding", "identity"))
+        if cfg.host_id:
+            ack.headers.append((Header.HOST_ID, cfg.host_id))
+            if cfg.host_id_fallback_timeout:
+                ack.headers.append(
+                    (Header.HOST_ID_FALLBACK_TIMEOUT, str(cfg.host_id_fallback_timeout))
+                )
+        self.on_event("session-created", session_id=state.id, remote_path=state.remote_path,
+                      owner=state.owner)
+        self._maybe_cleanup()
+        return ack
+
+    @property
+    def places_files(self) -> bool:
+        """Whether finished uploads go to the destination (type 0, no reply handler)."""
+        return self.replies is None
+
+    def _fragment(self, packet: _Packet) -> Ack:
+        """Fragment (PROTOCOL.md 7.3)."""
+        with self._open(packet) as session:
+            try:
+                return self._fragment_locked(packet, session)
+            except BITSError as exc:
+                if exc.received is None and not isinstance(exc, SessionNotFound):
+                    exc.received = session.state.received
+                raise
+
+    def _fragment_locked(self, packet: _Packet, session: Session) -> Ack:
+        cfg, state, request = self.config, session.state, packet.request
+        rng = parse_content_range(request.headers.get("Content-Range"), packet.content_length)
+        encoding = request.headers.get("Content-Encoding")
+        if encoding is not None and encoding.strip().lower() not in ("", "identity"):
+            raise InvalidRequest("Only the identity Content-Encoding is supported.")
+        if rng.length > cfg.max_fragment_size:
+            raise FragmentTooLarge()
+        if state.total is None:
+            if cfg.max_upload_size is not None and rng.total > cfg.max_upload_size:
+                raise UploadTooLarge()
+            state.total = rng.total
+        elif rng.total != state.total:
+            raise InvalidRequest("The total length differs from the earlier fragments'.")
+        if state.phase != RECEIVING:
+            return self._final(packet, session)
+        received = state.received
+        if rng.first > received:
+            raise RangeMismatch(received)
+        if rng.last >= received:
+            self._write(packet, session, rng)
+        if state.received == state.total:
+            state.phase = COMPLETE
+            session.save()
+            return self._final(packet, session)
+        session.save()
+        self.on_event("fragment-received", session_id=state.id, received=state.received,
+                      total=state.total)
+        return self._received_ack(session)
+
+    def _write(self, packet: _Packet, session: Session, rng: ContentRange) -> None:
+        state = session.state
+        start = state.received
+        count = rng.last + 1 - start
+        stream = packet.request.environ["wsgi.input"]
+        with _read_timeout(packet.request, self.config.read_timeout):
+            written = session.write(start, start - rng.first, count, stream)
+        state.received = start + written
+        if written < count:
+            session.save()
+            raise ClientGone()
+
+    def _received_ack(self, session: Session) -> Ack:
+        ack = Ack(200, session_id=session.id)
+        ack.headers.append((Header.RECEIVED_CONTENT_RANGE, str(session.state.received)))
+        return ack
+
+    def _final(self, packet: _Packet, session: Session) -> Ack:
+        """The completing fragment, or a retry of it (PROTOCOL.md 7.3 step 10, 8.1)."""
+        state = session.state
+        if state.final_ack is not None:
+            return _replay(state)
+        if self.replies is not None:
+            return self.replies.complete(packet, session)
+        if not state.committed:
+            names = paths.split_remote_path(state.remote_path)
+            session.commit(self.config.upload_folder, names,
+                           allow_overwrite=self.config.allow_overwrites,
+                           conflict_status=self.config.overwrite_status)
+        ack = self._received_ack(session)
+        self.finish(session, ack)
+        self.on_event("upload-completed", session_id=state.id, remote_path=state.remote_path,
+                      size=state.total, owner=state.owner)
+        return ack
+
+    def finish(self, session: Session, ack: Ack) -> None:
+        """Cache ``ack`` as the final Ack and enter WAIT_FOR_CLOSE (PROTOCOL.md 5.3)."""
+        session.state.phase = FINISHED
+        session.state.final_ack = {"status": ack.status, "headers": ack.headers}
+        session.save()
+
+    def _close_session(self, packet: _Packet) -> Ack:
+        """Close-Session (PROTOCOL.md 7.4; empty-file decision of 7.3)."""
+        try:
+            with self._open(packet) as session:
+                state = session.state
+                if (state.total is None and self.places_files and not state.committed):
+                    # Project decision: no Fragment at all means an empty file.
+                    names = paths.split_remote_path(state.remote_path)
+                    session.commit(self.config.upload_folder, names,
+                                   allow_overwrite=self.config.allow_overwrites,
+                                   conflict_status=self.config.overwrite_status)
+                    state.total = 0
+                    self.on_event("upload-completed", session_id=state.id,
+                                  remote_path=state.remote_path, size=0, owner=state.owner)
+                session.remove("closed")
+                self.on_event("session-closed", session_id=state.id,
+                              completed=state.committed or state.phase == FINISHED)
+                return Ack(200, session_id=session.id)
+        except SessionGone as gone:
+            return Ack(200, session_id=gone.tombstone.id)
+
+    def _cancel_session(self, packet: _Packet) -> Ack:
+        """Cancel-Session (PROTOCOL.md 7.5): data and reply go; a committed file stays."""
+        try:
+            with self._open(packet) as session:
+                session.remove("cancelled")
+                self.on_event("session-cancelled", session_id=session.id)
+                return Ack(200, session_id=session.id)
+        except SessionGone as gone:
+            return Ack(200, session_id=gone.tombstone.id)
+
+    def _open(self, packet: _Packet) -> t.ContextManager[Session]:
+        return self.store.open(packet.session_id, directory=self.name, owner=packet.owner,
+                               remote_path=packet.remote_path)
+
+    # -- housekeeping ------------------------------------------------------------------
+
+    def _maybe_cleanup(self) -> None:
+        """Start a background sweep if none ran for ``BITS_CLEANUP_INTERVAL`` seconds."""
+        interval = self.config.cleanup_interval
+        now = time.time()
+        if not interval or now - self._last_cleanup_check < min(interval, 60):
+            return
+        self._last_cleanup_check = now
+        stamp = os.path.join(self.store.folder, "cleanup.stamp")
+        try:
+            if now - os.stat(stamp).st_mtime < interval:
+                return
+        except FileNotFoundError:
+            pass
+        try:
+            with open(stamp, "a"):
+                os.utime(stamp, None)
+        except OSError:
+            return
+        threading.Thread(target=self.cleanup, name="flask-bits-cleanup", daemon=True).start()
+
+    def cleanup(self) -> list[tuple[str, str]]:
+        """Remove expired sessions and tombstones now; returns what was removed."""
+        try:
+            with self.store.locker.hold("cleanup", timeout=0):
+                removed = self.store.cleanup(tombstone_timeout=self.config.tombstone_timeout)
+        except BITSError:
+            return []  # another process is sweeping
+        for what, ident in removed:
+            if what == "session":
+                self.on_event("session-expired", session_id=ident)
+        if removed:
+            log.info("cleanup removed %d item(s)", len(removed))
+        return removed
+
+
+class _read_timeout:
+    """Bound each body read on gunicorn's socket (``BITS_READ_TIMEOUT``)."""
+
+    def __init__(self, request: Request, seconds: float | None) -> None:
+        self.sock = request.environ.get("gunicorn.socket") if seconds else None
+        self.seconds = seconds
+        self.old: float | None = None
+
+    def __enter__(self) -> None:
+        if self.sock is not None:
+            try:
+                self.old = self.sock.gettimeout()
+                self.sock.settimeout(self.seconds)
+            except OSError:
+                self.sock = None
+
+    def __exit__(self, *exc: t.Any) -> None:
+        if self.sock is not None:
+            try:
+                self.sock.settimeout(self.old)
+            except OSError:
+                pass
+
+
+_HTTP_ERRORS: dict[int, type[BITSError]] = {
+    401: AccessDenied,
+    403: AccessDenied,
+    407: AccessDenied,
+    413: FragmentTooLarge,
+}
+_HTTP_MESSAGES = {
+    401: "Authentication is required.",
+    403: "Access is denied.",
+    404: "Nothing is served at this URL.",
+    405: "Method not allowed here.",
+    407: "Proxy authentication is required.",
+    413: "The request is too large.",
+}
+_KEPT_HEADERS = ("WWW-Authenticate", "Proxy-Authenticate", "Retry-After", "Set-Cookie")
+
+
+def _replay(state: SessionState) -> Ack:
+    cached = state.final_ack or {}
+    ack = Ack(int(cached.get("status", 200)), session_id=state.id)
+    ack.headers.extend((str(k), str(v)) for k, v in cached.get("headers", []))
+    error = cached.get("error")
+    if error is not None:
+        ack.error = BITSError(error["message"], status=ack.status, hresult=error["hresult"],
+                              context=error["context"])
+    return ack
+
+
+def _content_name(request: Request) -> str | None:
+    value = request.headers.get("Content-Name")
+    return value[:260] if value else None
+
+
+def _printable(text: str) -> str:
+    return "".join(c if " " < c < "\x7f" else "?" for c in text)

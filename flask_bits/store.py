@@ -1,0 +1,624 @@
+"""The filesystem session store: create, lock, write ranges, commit, remove, expire.
+
+Knows files and locks, not HTTP. Layout under the session folder::
+
+    sessions/<id>/state.json    the session record (JSON, replaced atomically)
+    sessions/<id>/data.part     the bytes received so far (the "request entity")
+    sessions/<id>/reply/        the reply of an upload-reply job, if any
+    staging/<id>/               a session being created (renamed into sessions/)
+    tombstones/<id>.json        closed or cancelled sessions, answered with 200
+    owners/<hash>/<id>          one marker per session of an identified owner
+    locks/<id>.lock             per-session lock files, outside the deleted folders
+    trash/                      removed session folders on their way out
+
+No session state is kept in process memory: any worker process, or any node sharing
+the folder, serves any packet. The state's ``received`` is the truth: data is written
+before the state that acknowledges it, so a crash never acknowledges bytes the server
+does not hold.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import logging
+import os
+import shutil
+import stat
+import time
+import typing as t
+from contextlib import contextmanager
+from dataclasses import asdict
+from dataclasses import dataclass
+from dataclasses import field
+from dataclasses import fields
+
+from . import paths
+from .errors import BITSError
+from .errors import DestinationExists
+from .errors import DiskFull
+from .errors import InvalidRequest
+from .errors import SessionNotFound
+from .errors import StorageError
+from .errors import TooManySessions
+from .locking import LockHandle
+from .locking import SessionLocker
+from .protocol import canonical_session_id
+
+log = logging.getLogger("flask_bits")
+
+#: Size of the buffer a fragment is streamed through (memory stays flat).
+CHUNK_SIZE = 1024 * 1024
+
+# Session phases (PROTOCOL.md 5.3): RECEIVE_FRAGMENTS is split into "receiving" and
+# "complete" (all bytes held, final step not finished); WAIT_FOR_CLOSE is "finished".
+RECEIVING = "receiving"
+COMPLETE = "complete"
+FINISHED = "finished"
+
+
+@dataclass(slots=True)
+class SessionState:
+    """The session record of PROTOCOL.md 5.2, as stored in ``state.json``."""
+
+    id: str
+    directory: str
+    remote_path: str
+    url: str
+    owner: str | None
+    protocol: str
+    created: float
+    last_activity: float
+    timeout: float
+    total: int | None = None
+    received: int = 0
+    phase: str = RECEIVING
+    content_name: str | None = None
+    #: The Ack of the completing fragment, replayed to retries (status, headers, error).
+    final_ack: dict[str, t.Any] | None = None
+    #: Upload-reply progress (see :mod:`flask_bits.reply`).
+    forward: dict[str, t.Any] | None = None
+    #: The destination file is in place.
+    committed: bool = False
+    extra: dict[str, t.Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, data: dict[str, t.Any]) -> SessionState:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+@dataclass(frozen=True, slots=True)
+class Tombstone:
+    """What is left of a closed or cancelled session (PROTOCOL.md 6, A23)."""
+
+    id: str
+    directory: str
+    owner: str | None
+    kind: str
+    time: float
+
+
+def io_error(exc: OSError, what: str) -> BITSError:
+    """Map an ``OSError`` to the error Ack for it (PROTOCOL.md 7.3 step 8)."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return DiskFull()
+    log.error("I/O error while %s: %s", what, exc)
+    return StorageError()
+
+
+class SessionStore:
+    """Sessions on the filesystem under ``folder``.
+
+    :param folder: the session folder (created if missing).
+    :param lock_timeout: longest wait for a session lock, in seconds.
+    :param fsync: fsync data and state before acknowledging, and the folder after a
+        commit, so acknowledged bytes survive power loss.
+    """
+
+    def __init__(self, folder: str, *, lock_timeout: float = 10.0, fsync: bool = False):
+        self.folder = os.path.abspath(folder)
+        self.fsync = fsync
+        for sub in ("sessions", "staging", "tombstones", "owners", "trash"):
+            os.makedirs(os.path.join(self.folder, sub), exist_ok=True)
+        self.locker = SessionLocker(os.path.join(self.folder, "locks"), timeout=lock_timeout)
+
+    # -- paths -------------------------------------------------------------------
+
+    def session_dir(self, session_id: str) -> str:
+        return os.path.join(self.folder, "sessions", session_id)
+
+    def data_path(self, session_id: str) -> str:
+        return os.path.join(self.folder, "sessions", session_id, "data.part")
+
+    def reply_dir(self, session_id: str) -> str:
+        return os.path.join(self.folder, "sessions", session_id, "reply")
+
+    def _tombstone_path(self, session_id: str) -> str:
+        return os.path.join(self.folder, "tombstones", session_id + ".json")
+
+    def _owner_dir(self, owner: str) -> str:
+        digest = hashlib.sha256(owner.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+        return os.path.join(self.folder, "owners", digest)
+
+    # -- create ------------------------------------------------------------------
+
+    def create(
+        self, state: SessionState, *, owner_limit: int | None, total_limit: int | None
+    ) -> None:
+        """Record a new session (its folder appears atomically, complete).
+
+        :raises TooManySessions: the owner or the server has too many open sessions.
+        :raises DiskFull: no space for the session folder.
+        """
+        marker = None
+        try:
+            if total_limit is not None and self.count() >= total_limit:
+                raise TooManySessions()
+            if state.owner is not None and owner_limit is not None:
+                marker = self._add_owner_marker(state.owner, state.id, owner_limit)
+            staging = os.path.join(self.folder, "staging", state.id)
+            os.mkdir(staging)
+            try:
+                with open(os.path.join(staging, "data.part"), "xb"):
+                    pass
+                self._write_state(staging, state)
+                os.rename(staging, self.session_dir(state.id))
+            except BaseException:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise
+        except OSError as exc:
+            if marker is not None:
+                _unlink_quiet(marker)
+            raise io_error(exc, "creating a session") from None
+        except BaseException:
+            if marker is not None:
+                _unlink_quiet(marker)
+            raise
+
+    def _add_owner_marker(self, owner: str, session_id: str, limit: int) -> str:
+        folder = self._owner_dir(owner)
+        os.makedirs(folder, exist_ok=True)
+        marker = os.path.join(folder, session_id)
+        with open(marker, "xb"):
+            pass
+        # Count after adding: two racing creators may both be refused, never both let in
+        # past the limit. Markers of sessions removed by a crash are pruned here.
+        live = 0
+        for entry in os.scandir(folder):
+            if os.path.isdir(self.session_dir(entry.name)) or entry.name == session_id:
+                live += 1
+            elif time.time() - _mtime(entry.path) > 60:
+                _unlink_quiet(entry.path)
+        if live > limit:
+            _unlink_quiet(marker)
+            raise TooManySessions(
+                "This user has too many open upload sessions; finish or cancel some first."
+            )
+        return marker
+
+    def count(self) -> int:
+        """Number of open sessions."""
+        with os.scandir(os.path.join(self.folder, "sessions")) as it:
+            return sum(1 for _ in it)
+
+    # -- open --------------------------------------------------------------------
+
+    @contextmanager
+    def open(
+        self,
+        session_id: str | None,
+        *,
+        directory: str,
+        owner: str | None,
+        remote_path: str | None = None,
+    ) -> t.Iterator[Session]:
+        """Lock the session and yield it; the lock is released on exit.
+
+        A session of another upload directory or another owner is reported exactly
+        like an unknown one (PROTOCOL.md 6 step 8, S8); so is a request for another
+        ``remote_path`` than the session's, when one is given.
+
+        :raises SessionNotFound: no such session for this directory and owner.
+        :raises SessionGone: the session was closed or cancelled (its tombstone).
+        :raises SessionBusy: the lock was not free within the lock timeout.
+        """
+        sid = canonical_session_id(session_id)
+        if sid is None:
+            raise SessionNotFound()
+        if not os.path.isdir(self.session_dir(sid)):
+            self._raise_gone(sid, directory, owner)
+        with self.locker.hold(sid) as lock:
+            state = self._read_state(sid)
+            if state is None:
+                lock.discard = True
+                self._raise_gone(sid, directory, owner)
+            assert state is not None
+            if state.directory != directory or state.owner != owner or (
+                remote_path is not None and remote_path != state.remote_path
+            ):
+                raise SessionNotFound()
+            session = Session(self, state, lock)
+            yield session
+
+    def _raise_gone(self, sid: str, directory: str, owner: str | None) -> t.NoReturn:
+        tomb = self.tombstone(sid)
+        if tomb is not None and tomb.directory == directory and tomb.owner == owner:
+            raise SessionGone(tomb)
+        raise SessionNotFound()
+
+    def _read_state(self, sid: str) -> SessionState | None:
+        try:
+            with open(os.path.join(self.session_dir(sid), "state.json"), "rb") as f:
+                return SessionState.from_json(json.load(f))
+        except FileNotFoundError:
+            return None
+        except (ValueError, TypeError) as exc:
+            log.error("Unreadable session state %s: %s", sid, exc)
+            return None
+
+    def peek(self, session_id: str) -> SessionState | None:
+        """Read a session's state without locking (for listings and cleanup)."""
+        sid = canonical_session_id(session_id)
+        return None if sid is None else self._read_state(sid)
+
+    def _write_state(self, folder: str, state: SessionState) -> None:
+        path = os.path.join(folder, "state.json")
+        tmp = path + ".tmp"
+        data = json.dumps(asdict(state), separators=(",", ":")).encode()
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        try:
+            os.write(fd, data)
+            if self.fsync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        if self.fsync:
+            _fsync_dir(folder)
+
+    def tombstone(self, session_id: str) -> Tombstone | None:
+        """The tombstone of a closed or cancelled session, if it is still kept."""
+        try:
+            with open(self._tombstone_path(session_id), "rb") as f:
+                return Tombstone(**json.load(f))
+        except (FileNotFoundError, ValueError, TypeError):
+            return None
+
+    # -- listing and expiry --------------------------------------------------------
+
+    def iter_states(self) -> t.Iterator[SessionState]:
+        """Every readable session state, unlocked (a snapshot for listings)."""
+        with os.scandir(os.path.join(self.folder, "sessions")) as it:
+            names = [e.name for e in it]
+        for name in sorted(names):
+            state = self._read_state(name)
+            if state is not None:
+                yield state
+
+    def remove_by_id(self, session_id: str, *, kind: str) -> bool:
+        """Remove a session whatever its owner (``flask bits cancel``); True if removed."""
+        sid = canonical_session_id(session_id)
+        if sid is None or not os.path.isdir(self.session_dir(sid)):
+            return False
+        with self.locker.hold(sid) as lock:
+            state = self._read_state(sid)
+            if state is None:
+                lock.discard = True
+                return False
+            Session(self, state, lock).remove(kind)
+            return True
+
+    def cleanup(
+        self, *, now: float | None = None, tombstone_timeout: float, stale_after: float = 3600
+    ) -> list[tuple[str, str]]:
+        """Remove expired sessions, expired tombstones and debris of crashed requests.
+
+        Safe to run at any time on any node: every session is re-checked under its lock,
+        and a busy session is skipped. Returns ``(what, id)`` pairs of what was removed.
+        """
+        now = time.time() if now is None else now
+        removed: list[tuple[str, str]] = []
+        for state in list(self.iter_states()):
+            if now - state.last_activity < state.timeout:
+                continue
+            try:
+                with self.locker.hold(state.id, timeout=0) as lock:
+                    fresh = self._read_state(state.id)
+                    if fresh is None:
+                        lock.discard = True
+                        continue
+                    if now - fresh.last_activity < fresh.timeout:
+                        continue
+                    Session(self, fresh, lock).remove("expired", tombstone=False)
+                    removed.append(("session", state.id))
+            except BITSError:
+                continue  # busy: it is being used, so it is not idle
+        tomb_dir = os.path.join(self.folder, "tombstones")
+        for entry in _scan(tomb_dir):
+            if now - _mtime(entry.path) >= tombstone_timeout:
+                _unlink_quiet(entry.path)
+                removed.append(("tombstone", entry.name.removesuffix(".json")))
+        for sub in ("staging", "trash"):
+            for entry in _scan(os.path.join(self.folder, sub)):
+                if now - _mtime(entry.path) >= stale_after:
+                    shutil.rmtree(entry.path, ignore_errors=True)
+                    removed.append((sub, entry.name))
+        removed.extend(self._prune_locks())
+        return removed
+
+    def _prune_locks(self) -> list[tuple[str, str]]:
+        """Unlink lock files of sessions that no longer exist (under their lock)."""
+        removed = []
+        for entry in _scan(self.locker.folder):
+            name = entry.name.removesuffix(".lock")
+            sid = canonical_session_id(name)
+            if sid is None or sid != name or os.path.isdir(self.session_dir(sid)):
+                continue
+            try:
+                with self.locker.hold(sid, timeout=0) as lock:
+                    if not os.path.isdir(self.session_dir(sid)):
+                        lock.discard = True
+                        removed.append(("lock", sid))
+            except BITSError:
+                continue
+        return removed
+
+
+class SessionGone(Exception):
+    """The session was closed or cancelled; its tombstone says by whom and how."""
+
+    def __init__(self, tombstone: Tombstone) -> None:
+        super().__init__(tombstone.id)
+        self.tombstone = tombstone
+
+
+class Session:
+    """A locked session. Methods change files; :meth:`save` persists the state."""
+
+    def __init__(self, store: SessionStore, state: SessionState, lock: LockHandle):
+        self.store = store
+        self.state = state
+        self.lock = lock
+        self.removed = False
+
+    @property
+    def id(self) -> str:
+        return self.state.id
+
+    @property
+    def data_path(self) -> str:
+        return self.store.data_path(self.state.id)
+
+    def save(self, *, touch: bool = True) -> None:
+        """Write the state atomically; ``touch`` resets the idle timer (A30)."""
+        if touch:
+            self.state.last_activity = time.time()
+        try:
+            self.store._write_state(self.store.session_dir(self.id), self.state)
+        except OSError as exc:
+            raise io_error(exc, "saving session state") from None
+
+    def write(self, offset: int, skip: int, count: int, stream: t.IO[bytes]) -> int:
+        """Stream ``skip`` bytes to nowhere, then ``count`` bytes into the file at ``offset``.
+
+        Reads in bounded chunks. Returns how many bytes were written; fewer than
+        ``count`` means the body ended early (client gone). Data is flushed (and
+        fsynced when configured) before returning, so the caller may acknowledge it.
+        """
+        size = min(CHUNK_SIZE, max(count, skip, 1))
+        buf = bytearray(size)
+        view = memoryview(buf)
+        readinto = getattr(stream, "readinto", None)
+
+        def read(n: int) -> int:
+            if readinto is not None:
+                return readinto(view[:n]) or 0
+            data = stream.read(n)
+            view[: len(data)] = data
+            return len(data)
+
+        while skip:
+            got = read(min(skip, size))
+            if got <= 0:
+                return 0
+            skip -= got
+        written = 0
+        try:
+            fd = os.open(self.data_path, os.O_WRONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise StorageError("The session's data file is missing.") from None
+        except OSError as exc:
+            raise io_error(exc, "opening session data") from None
+        try:
+            while written < count:
+                try:
+                    got = read(min(count - written, size))
+                except OSError:
+                    got = 0  # the client went away or the read timed out
+                if got <= 0:
+                    break
+                pos = 0
+                while pos < got:
+                    pos += os.pwrite(fd, view[pos:got], offset + written + pos)
+                written += got
+            if self.store.fsync:
+                os.fsync(fd)
+        except OSError as exc:
+            # Keep what is safely on disk: the acknowledged offset never moves past it.
+            raise io_error(exc, "writing fragment data") from None
+        finally:
+            os.close(fd)
+        return written
+
+    def commit(
+        self, root: str, names: t.Sequence[str], *, allow_overwrite: bool, conflict_status: int
+    ) -> None:
+        """Place the received file at its destination atomically (PROTOCOL.md 8.2).
+
+        Without overwrites the file is hard-linked into place, which fails if anything
+        appeared there meanwhile; with overwrites it is renamed over the old file. The
+        folder chain is opened without following symlinks.
+
+        :raises DestinationExists: overwrites are off and the destination exists.
+        """
+        data = self.data_path
+        try:
+            with paths.open_parent(root, names) as dir_fd:
+                self._place(data, dir_fd, names[-1], allow_overwrite, conflict_status)
+                if self.store.fsync:
+                    os.fsync(dir_fd)
+        except BITSError:
+            raise
+        except OSError as exc:
+            raise io_error(exc, "committing an upload") from None
+        self.state.committed = True
+
+    def _place(
+        self, data: str, dir_fd: int, name: str, allow_overwrite: bool, conflict_status: int
+    ) -> None:
+        try:
+            st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            st = None
+        if st is not None and stat.S_ISDIR(st.st_mode):
+            raise InvalidRequest("The URL names a folder, not a file.")
+        try:
+            src = os.stat(data)
+        except FileNotFoundError:
+            # A crash after the rename but before the state was saved.
+            if st is not None and st.st_size == self.state.total:
+                return
+            raise StorageError("The session's data file is missing.") from None
+        if st is not None and (st.st_ino, st.st_dev) == (src.st_ino, src.st_dev):
+            os.unlink(data)  # a crash after the link but before the unlink
+            return
+        if self.store.fsync:
+            _fsync_path(data)
+        if st is not None and not allow_overwrite:
+            raise DestinationExists(status=conflict_status)
+        tmp_name = None
+        try:
+            if allow_overwrite:
+                os.replace(data, name, dst_dir_fd=dir_fd)
+                return
+            os.link(data, name, dst_dir_fd=dir_fd, follow_symlinks=False)
+            os.unlink(data)
+        except FileExistsError:
+            raise DestinationExists(status=conflict_status) from None
+        except OSError as exc:
+            if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
+                raise
+            # Another filesystem (or no hard links): copy next to the destination first.
+            tmp_name = f"{paths.TEMP_PREFIX}{self.id}.tmp"
+            _copy_into(data, dir_fd, tmp_name, fsync=self.store.fsync)
+            if allow_overwrite:
+                os.replace(tmp_name, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+            else:
+                try:
+                    os.link(tmp_name, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd,
+                            follow_symlinks=False)
+                except FileExistsError:
+                    raise DestinationExists(status=conflict_status) from None
+                except OSError as exc2:
+                    if exc2.errno not in (errno.EPERM, errno.EMLINK, errno.ENOTSUP):
+                        raise
+                    if _exists(name, dir_fd):
+                        raise DestinationExists(status=conflict_status) from None
+                    os.replace(tmp_name, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+            os.unlink(data)
+        finally:
+            if tmp_name is not None:
+                try:
+                    os.unlink(tmp_name, dir_fd=dir_fd)
+                except FileNotFoundError:
+                    pass
+
+    def remove(self, kind: str, *, tombstone: bool = True) -> None:
+        """Delete the session folder (data and reply), leave a tombstone, drop the lock.
+
+        ``kind`` is ``"closed"``, ``"cancelled"`` or ``"expired"``. A file already
+        committed to its destination is never touched.
+        """
+        store, sid = self.store, self.id
+        try:
+            if tombstone:
+                tomb = Tombstone(sid, self.state.directory, self.state.owner, kind, time.time())
+                tmp = store._tombstone_path(sid) + ".tmp"
+                with open(tmp, "w") as f:
+                    json.dump(asdict(tomb), f)
+                os.replace(tmp, store._tombstone_path(sid))
+            trash = os.path.join(store.folder, "trash", f"{sid}.{os.getpid()}.{time.time_ns()}")
+            os.rename(store.session_dir(sid), trash)
+            shutil.rmtree(trash, ignore_errors=True)
+            if self.state.owner is not None:
+                _unlink_quiet(os.path.join(store._owner_dir(self.state.owner), sid))
+        except OSError as exc:
+            raise io_error(exc, "removing a session") from None
+        self.removed = True
+        self.lock.discard = True
+
+
+def _copy_into(src: str, dir_fd: int, name: str, *, fsync: bool) -> None:
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
+    with open(src, "rb") as fin:
+        out = os.open(name, flags, 0o644, dir_fd=dir_fd)
+        try:
+            size = os.fstat(fin.fileno()).st_size
+            sent = 0
+            while sent < size:
+                n = os.sendfile(out, fin.fileno(), sent, min(size - sent, 1 << 30))
+                if n == 0:
+                    break
+                sent += n
+            if fsync:
+                os.fsync(out)
+        finally:
+            os.close(out)
+
+
+def _exists(name: str, dir_fd: int) -> bool:
+    try:
+        os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def _fsync_path(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _scan(folder: str) -> list[os.DirEntry[str]]:
+    try:
+        with os.scandir(folder) as it:
+            return list(it)
+    except FileNotFoundError:
+        return []
+
+
+def _mtime(path: str) -> float:
+    try:
+        return os.stat(path, follow_symlinks=False).st_mtime
+    except FileNotFoundError:
+        return time.time()
+
+
+def _unlink_quiet(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
