@@ -62,10 +62,7 @@ def create_app(test_config: t.Mapping[str, t.Any] | None = None) -> Flask:
     reply = BITS(
         name="reply",
         url_prefix="/reply",
-        config={
-            "BITS_UPLOAD_FOLDER": os.path.join(_upload_folder(app), ".reply-uploads"),
-            "BITS_NOTIFICATION_TYPE": 0,
-        },
+        config={"BITS_NOTIFICATION_TYPE": 0},
         authorize=authorize,
     )
 
@@ -78,10 +75,3 @@ def create_app(test_config: t.Mapping[str, t.Any] | None = None) -> Flask:
 
     reply.init_app(app)
     return app
-
-
-def _upload_folder(app: Flask) -> str:
-    folder = app.config.get("BITS_UPLOAD_FOLDER") or os.path.join(
-        app.instance_path, "bits-uploads"
-    )
-    return os.path.abspath(folder)

@@ -95,6 +95,10 @@ class HResult(enum.IntEnum):
     ERROR_IO_DEVICE = 0x8007045D
     #: HRESULT_FROM_WIN32(ERROR_TOO_MANY_SESSIONS): a session limit was hit.
     ERROR_TOO_MANY_SESSIONS = 0x80070045
+    #: E_PENDING: the server application has not answered yet; retry later.
+    E_PENDING = 0x8000000A
+    #: HRESULT_FROM_WIN32(ERROR_CONNECTION_REFUSED): the server application is unreachable.
+    ERROR_CONNECTION_REFUSED = 0x800704C9
     #: E_FAIL: an unexpected server failure.
     E_FAIL = 0x80004005
     #: BG_E_HTTP_ERROR_nnn is this plus the status code (PROTOCOL.md 4.2).

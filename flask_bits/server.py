@@ -235,10 +235,11 @@ class BITSServer:
         cfg = self.config
         protocol = negotiate_protocol(packet.request.headers.get(Header.SUPPORTED_PROTOCOLS))
         names = paths.split_remote_path(packet.remote_path)
-        paths.destination_path(cfg.upload_folder, names)
-        exists = paths.destination_exists(cfg.upload_folder, names)
-        if exists and not cfg.allow_overwrites and self.places_files:
-            raise DestinationExists(status=cfg.overwrite_status)
+        if self.places_files:
+            paths.destination_path(cfg.upload_folder, names)
+            exists = paths.destination_exists(cfg.upload_folder, names)
+            if exists and not cfg.allow_overwrites:
+                raise DestinationExists(status=cfg.overwrite_status)
         now = time.time()
         state = SessionState(
             id=new_session_id(),
@@ -274,15 +275,22 @@ class BITSServer:
 
     def _fragment(self, packet: _Packet) -> Ack:
         """Fragment (PROTOCOL.md 7.3)."""
-        with self._open(packet) as session:
-            try:
-                return self._fragment_locked(packet, session)
-            except BITSError as exc:
-                if exc.received is None and not isinstance(exc, SessionNotFound):
-                    exc.received = session.state.received
-                raise
+        try:
+            with self._open(packet) as session:
+                try:
+                    result = self._fragment_locked(packet, session)
+                except BITSError as exc:
+                    if exc.received is None and not isinstance(exc, SessionNotFound):
+                        exc.received = session.state.received
+                    raise
+            if isinstance(result, Ack):
+                return result
+            # Upload-reply: wait for the server application without the session lock.
+            return self.replies.wait(packet, result)
+        except SessionGone:
+            raise SessionNotFound() from None
 
-    def _fragment_locked(self, packet: _Packet, session: Session) -> Ack:
+    def _fragment_locked(self, packet: _Packet, session: Session) -> t.Any:
         cfg, state, request = self.config, session.state, packet.request
         rng = parse_content_range(request.headers.get("Content-Range"), packet.content_length)
         encoding = request.headers.get("Content-Encoding")
@@ -329,7 +337,7 @@ class BITSServer:
         ack.headers.append((Header.RECEIVED_CONTENT_RANGE, str(session.state.received)))
         return ack
 
-    def _final(self, packet: _Packet, session: Session) -> Ack:
+    def _final(self, packet: _Packet, session: Session) -> t.Any:
         """The completing fragment, or a retry of it (PROTOCOL.md 7.3 step 10, 8.1)."""
         state = session.state
         if state.final_ack is not None:

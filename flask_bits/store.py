@@ -242,6 +242,17 @@ class SessionStore:
             session = Session(self, state, lock)
             yield session
 
+    @contextmanager
+    def lock_existing(self, session_id: str) -> t.Iterator[Session | None]:
+        """Lock a session whatever its owner; yield ``None`` if it no longer exists."""
+        with self.locker.hold(session_id) as lock:
+            state = self._read_state(session_id)
+            if state is None:
+                lock.discard = True
+                yield None
+            else:
+                yield Session(self, state, lock)
+
     def _raise_gone(self, sid: str, directory: str, owner: str | None) -> t.NoReturn:
         tomb = self.tombstone(sid)
         if tomb is not None and tomb.directory == directory and tomb.owner == owner:
@@ -353,11 +364,11 @@ class SessionStore:
         removed = []
         for entry in _scan(self.locker.folder):
             name = entry.name.removesuffix(".lock")
-            sid = canonical_session_id(name)
-            if sid is None or sid != name or os.path.isdir(self.session_dir(sid)):
+            sid = canonical_session_id(name.split(".", 1)[0])
+            if sid is None or not name.startswith(sid) or os.path.isdir(self.session_dir(sid)):
                 continue
             try:
-                with self.locker.hold(sid, timeout=0) as lock:
+                with self.locker.hold(name, timeout=0) as lock:
                     if not os.path.isdir(self.session_dir(sid)):
                         lock.discard = True
                         removed.append(("lock", sid))
