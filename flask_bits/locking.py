@@ -11,6 +11,7 @@ finds no session either, so nobody acts on a session two at a time (see
 from __future__ import annotations
 
 import os
+import time
 import typing as t
 from contextlib import contextmanager
 
@@ -25,6 +26,8 @@ class SessionLocker:
     def __init__(self, folder: str, *, timeout: float) -> None:
         self.folder = folder
         self.timeout = timeout
+        #: Called with the seconds each acquisition waited (for metrics).
+        self.on_wait: t.Callable[[float], None] | None = None
         os.makedirs(folder, exist_ok=True)
 
     def path(self, name: str) -> str:
@@ -40,10 +43,14 @@ class SessionLocker:
             timeout=self.timeout if timeout is None else timeout,
             is_singleton=False,
         )
+        started = time.monotonic()
         try:
             lock.acquire()
         except filelock.Timeout:
             raise SessionBusy() from None
+        finally:
+            if self.on_wait is not None:
+                self.on_wait(time.monotonic() - started)
         try:
             yield handle
         finally:

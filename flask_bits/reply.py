@@ -184,10 +184,21 @@ class ReplyManager:
         if status == PENDING:
             if time.time() > fwd.get("deadline", 0):
                 self._fail(session, timeout_error())
-                return Ack.for_error(timeout_error(), state.id)
+                return self._report_failure(session)
             if not self._forward_dead(state):
                 return PendingReply(state.id, fwd["token"], started_here=False)
+        if status == FAILED and not fwd.get("reported"):
+            # The failure happened after the client stopped waiting: report it once
+            # (PROTOCOL.md 8.7/8.8); the next retry posts the file again.
+            return self._report_failure(session)
         return self._start(packet, session)
+
+    def _report_failure(self, session: Session) -> Ack:
+        state = session.state
+        fwd = state.forward or {}
+        fwd["reported"] = True
+        session.save()
+        return Ack.for_error(_error_from_dict(fwd.get("error") or {}, state.total), state.id)
 
     def _start(self, packet: _Packet, session: Session) -> PendingReply:
         state = session.state
@@ -264,8 +275,7 @@ class ReplyManager:
                 return _replay(state)
             fwd = state.forward or {}
             if fwd.get("status") == FAILED and fwd.get("token") == pending.token:
-                error = fwd.get("error") or {}
-                return Ack.for_error(_error_from_dict(error, state.total), state.id)
+                return self._report_failure(session)
             if fwd.get("status") == REPLIED:
                 return self._finish_copy(session)
         return Ack.for_error(
@@ -382,7 +392,8 @@ class ReplyManager:
             fwd["copy"] = bool(result.copy)
             fwd["finished"] = time.time()
             self._finish_copy(session)
-        self.server.on_event("reply-forwarded", session_id=session_id, status=200)
+        self.server.on_event("reply-forwarded", session_id=session_id, status=200,
+                             duration=time.time() - float(fwd.get("started", time.time())))
 
     def _finish_copy(self, session: Session) -> Ack:
         """Commit to the destination if the application asked for it, then cache and

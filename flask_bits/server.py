@@ -116,6 +116,7 @@ class BITSServer:
         self.store = SessionStore(
             config.session_folder, lock_timeout=config.lock_timeout, fsync=config.fsync
         )
+        self.store.locker.on_wait = lambda seconds: self.on_event("lock-waited", seconds=seconds)
         os.makedirs(config.upload_folder, exist_ok=True)
         #: Set by :mod:`flask_bits.reply` when this directory answers with replies.
         self.replies: t.Any = None
@@ -144,9 +145,17 @@ class BITSServer:
             log.exception("Unexpected error handling %s", _printable(packet_name))
             result = self.error_ack(InternalError(), sid)
         if isinstance(result, Response):
-            return self.as_ack(result, sid)
-        self._log(result, packet_name, request, started)
-        return self.ack_response(result)
+            response = self.as_ack(result, sid)
+            status = response.status_code
+        else:
+            self._log(result, packet_name, request, started)
+            response = self.ack_response(result)
+            status = result.status
+        parsed = PacketType.parse(packet_name)
+        self.on_event("packet-handled", packet_type=parsed.value if parsed else "unknown",
+                      status=status, bytes=request.content_length or 0,
+                      duration=time.monotonic() - started)
+        return response
 
     def error_ack(self, error: BITSError, session_id: str | None) -> Ack:
         """The Ack for ``error``; the session id is echoed only for session packets."""
@@ -317,7 +326,7 @@ class BITSServer:
             return self._final(packet, session)
         session.save()
         self.on_event("fragment-received", session_id=state.id, received=state.received,
-                      total=state.total)
+                      total=state.total, written=state.received - received)
         return self._received_ack(session)
 
     def _write(self, packet: _Packet, session: Session, rng: ContentRange) -> None:

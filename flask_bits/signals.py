@@ -12,12 +12,14 @@ _signals = Namespace()
 
 #: A session was created. Keyword arguments: ``session_id``, ``remote_path``, ``owner``.
 session_created = _signals.signal("session-created")
-#: A fragment was stored. Keyword arguments: ``session_id``, ``received``, ``total``.
+#: A fragment was stored. Keyword arguments: ``session_id``, ``received``, ``total``,
+#: ``written`` (new bytes stored by this fragment).
 fragment_received = _signals.signal("fragment-received")
 #: A file is complete and in place (or handed to the reply handler). Keyword arguments:
 #: ``session_id``, ``remote_path``, ``size``, ``owner``.
 upload_completed = _signals.signal("upload-completed")
-#: The server application answered. Keyword arguments: ``session_id``, ``status``.
+#: The server application answered. Keyword arguments: ``session_id``, ``status``,
+#: ``duration`` (seconds since the forward started).
 reply_forwarded = _signals.signal("reply-forwarded")
 #: Close-Session was processed. Keyword arguments: ``session_id``, ``completed``.
 session_closed = _signals.signal("session-closed")
@@ -25,6 +27,12 @@ session_closed = _signals.signal("session-closed")
 session_cancelled = _signals.signal("session-cancelled")
 #: Cleanup removed an idle session. Keyword arguments: ``session_id``.
 session_expired = _signals.signal("session-expired")
+
+#: Every BITS_POST answered. Keyword arguments: ``packet_type``, ``status``, ``bytes``,
+#: ``duration`` (seconds).
+packet_handled = _signals.signal("packet-handled")
+#: A session lock was taken. Keyword arguments: ``seconds`` waited.
+lock_waited = _signals.signal("lock-waited")
 
 #: Event name used by the core -> signal.
 BY_EVENT = {
@@ -35,4 +43,6 @@ BY_EVENT = {
     "session-closed": session_closed,
     "session-cancelled": session_cancelled,
     "session-expired": session_expired,
+    "packet-handled": packet_handled,
+    "lock-waited": lock_waited,
 }
