@@ -17,6 +17,7 @@ directories with HTTP Basic (users ``alice:alice-pw`` and ``bob:bob-pw``).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import typing as t
 
@@ -41,8 +42,20 @@ def env_config(environ: t.Mapping[str, str] | None = None) -> dict[str, t.Any]:
     return config
 
 
+def _log_packets() -> None:
+    """One INFO line per packet on stderr (gunicorn's error log), once per process."""
+    logger = logging.getLogger("flask_bits")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("[%(asctime)s] [%(process)d] %(levelname)s "
+                                               "flask_bits: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(os.environ.get("EXAMPLE_LOG_LEVEL", "INFO"))
+
+
 def create_app(test_config: t.Mapping[str, t.Any] | None = None) -> Flask:
     """The application factory."""
+    _log_packets()
     app = Flask(__name__, instance_relative_config=True)
     app.config.update(env_config())
     if test_config is not None:

@@ -79,8 +79,13 @@ def _age(seconds: float) -> str:
 def cleanup_command() -> None:
     """Remove expired sessions, expired tombstones and leftovers. Idempotent."""
     total = 0
+    servers = _servers()
     for server in _by_folder():
-        removed = server.store.cleanup(tombstone_timeout=server.config.tombstone_timeout)
+        same = [s for s in servers if s.store.folder == server.store.folder]
+        removed = server.store.cleanup(
+            tombstone_timeout=min(s.config.tombstone_timeout for s in same),
+            timeouts={s.name: s.config.session_timeout for s in same},
+        )
         for what, ident in removed:
             click.echo(f"removed {what} {ident}")
         total += len(removed)

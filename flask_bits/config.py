@@ -101,10 +101,18 @@ class DirectoryConfig:
         if host_id is not None and (len(host_id) > 300 or any(c in host_id for c in "/ \t")):
             raise ValueError("BITS_HOST_ID must be a host name or address of at most 300 "
                              f"characters, got {host_id!r}.")
+        upload_folder = v.folder("BITS_UPLOAD_FOLDER", instance_path, "bits-uploads")
+        session_folder = v.folder("BITS_SESSION_FOLDER", instance_path, "bits-sessions")
+        if _nested(upload_folder, session_folder):
+            # Clients could otherwise upload into (or next to) the server's own state.
+            raise ValueError(
+                "BITS_SESSION_FOLDER and BITS_UPLOAD_FOLDER must not contain each other, "
+                f"got {session_folder!r} and {upload_folder!r}."
+            )
         return cls(
             url_prefix=prefix,
-            upload_folder=v.folder("BITS_UPLOAD_FOLDER", instance_path, "bits-uploads"),
-            session_folder=v.folder("BITS_SESSION_FOLDER", instance_path, "bits-sessions"),
+            upload_folder=upload_folder,
+            session_folder=session_folder,
             upload_enabled=v.boolean("BITS_UPLOAD_ENABLED"),
             max_upload_size=v.optional_integer("BITS_MAX_UPLOAD_SIZE", minimum=0),
             max_fragment_size=max_fragment,
@@ -143,6 +151,11 @@ def _notification_url(v: _Validator, ntype: int) -> str | None:
     if url is not None and ("://" in url and not url.lower().startswith(("http://", "https://"))):
         raise ValueError(f"BITS_NOTIFICATION_URL must be an http(s) URL, got {url!r}.")
     return url
+
+
+def _nested(a: str, b: str) -> bool:
+    ra, rb = os.path.realpath(a), os.path.realpath(b)
+    return ra == rb or ra.startswith(rb + os.sep) or rb.startswith(ra + os.sep)
 
 
 class _Validator:

@@ -431,7 +431,10 @@ class BITSServer:
         """Remove expired sessions and tombstones now; returns what was removed."""
         try:
             with self.store.locker.hold("cleanup", timeout=0):
-                removed = self.store.cleanup(tombstone_timeout=self.config.tombstone_timeout)
+                removed = self.store.cleanup(
+                    tombstone_timeout=self.config.tombstone_timeout,
+                    timeouts={self.name: self.config.session_timeout},
+                )
         except BITSError:
             return []  # another process is sweeping
         for what, ident in removed:

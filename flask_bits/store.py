@@ -191,6 +191,8 @@ class SessionStore:
                 live += 1
             elif time.time() - _mtime(entry.path) > 60:
                 _unlink_quiet(entry.path)
+            else:
+                live += 1  # a session being created right now
         if live > limit:
             _unlink_quiet(marker)
             raise TooManySessions(
@@ -322,17 +324,29 @@ class SessionStore:
             return True
 
     def cleanup(
-        self, *, now: float | None = None, tombstone_timeout: float, stale_after: float = 3600
+        self,
+        *,
+        now: float | None = None,
+        tombstone_timeout: float,
+        timeouts: t.Mapping[str, float] | None = None,
+        stale_after: float = 3600,
     ) -> list[tuple[str, str]]:
         """Remove expired sessions, expired tombstones and debris of crashed requests.
 
+        A session expires after its directory's session timeout (``timeouts`` maps
+        directory names to seconds; otherwise the timeout recorded at creation).
         Safe to run at any time on any node: every session is re-checked under its lock,
         and a busy session is skipped. Returns ``(what, id)`` pairs of what was removed.
         """
         now = time.time() if now is None else now
+        timeouts = timeouts or {}
+
+        def expired(state: SessionState) -> bool:
+            return now - state.last_activity >= timeouts.get(state.directory, state.timeout)
+
         removed: list[tuple[str, str]] = []
         for state in list(self.iter_states()):
-            if now - state.last_activity < state.timeout:
+            if not expired(state):
                 continue
             try:
                 with self.locker.hold(state.id, timeout=0) as lock:
@@ -340,7 +354,7 @@ class SessionStore:
                     if fresh is None:
                         lock.discard = True
                         continue
-                    if now - fresh.last_activity < fresh.timeout:
+                    if not expired(fresh):
                         continue
                     Session(self, fresh, lock).remove("expired", tombstone=False)
                     removed.append(("session", state.id))
