@@ -33,7 +33,7 @@ class BITSPathConverter(BaseConverter):
     (``//`` included), so that every ``BITS_POST`` under a prefix reaches the BITS view
     and gets an Ack. One rule, no defaults: werkzeug never redirects a BITS client."""
 
-    regex = "(?:/.*)?"
+    regex = r"(?:/[\s\S]*)?"
     part_isolating = False
 
 

@@ -202,10 +202,10 @@ class BITSServer:
                     error.hresult & 0xFFFFFFFF, size, ms, error.message)
 
     def _dispatch(self, request: Request, remote_path: str) -> Ack | Response:
-        check_header_sizes(request.headers.items())
         raw_type = request.headers.get(Header.PACKET_TYPE)
         packet_type = PacketType.parse(raw_type)
-        # PROTOCOL.md 6: authentication first (a 401 even for Ping, A35), then 501.
+        # PROTOCOL.md 6: authentication first (a 401 even for Ping, A35), then 501, then
+        # the packet type, then the message rules.
         if self.authorize is not None:
             verdict = self.authorize(request, remote_path, packet_type)
             if isinstance(verdict, Response):
@@ -218,6 +218,7 @@ class BITSServer:
             if raw_type is None:
                 raise InvalidRequest("The BITS-Packet-Type header is missing.")
             raise InvalidRequest("Unknown BITS-Packet-Type.")
+        check_header_sizes(request.headers.items())
         if "chunked" in request.headers.get("Transfer-Encoding", "").lower():
             raise InvalidRequest("Chunked request bodies are not allowed; send Content-Length.")
         content_length = parse_content_length(request.headers.get("Content-Length"))
