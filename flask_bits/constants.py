@@ -99,6 +99,8 @@ class HResult(enum.IntEnum):
     E_PENDING = 0x8000000A
     #: HRESULT_FROM_WIN32(ERROR_CONNECTION_REFUSED): the server application is unreachable.
     ERROR_CONNECTION_REFUSED = 0x800704C9
+    #: HRESULT_FROM_WIN32(ERROR_TIMEOUT): the request body stalled.
+    ERROR_TIMEOUT = 0x800705B4
     #: E_FAIL: an unexpected server failure.
     E_FAIL = 0x80004005
     #: BG_E_HTTP_ERROR_nnn is this plus the status code (PROTOCOL.md 4.2).

@@ -145,6 +145,14 @@ class StorageError(BITSError):
     default_message = "The server could not store the data; retry later."
 
 
+class BodyTimeout(BITSError):
+    """The request body stalled longer than ``BITS_READ_TIMEOUT``: 408, retryable (4.4)."""
+
+    status = 408
+    hresult = HResult.ERROR_TIMEOUT
+    default_message = "The request body stalled; the bytes stored so far were kept. Resume."
+
+
 class SessionBusy(BITSError):
     """The session lock could not be taken in time: 503, retryable."""
 

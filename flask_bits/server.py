@@ -23,6 +23,7 @@ from .constants import Header
 from .constants import PacketType
 from .errors import AccessDenied
 from .errors import BITSError
+from .errors import BodyTimeout
 from .errors import DestinationExists
 from .errors import FragmentTooLarge
 from .errors import InternalError
@@ -64,7 +65,7 @@ _SESSION_PACKETS = (PacketType.FRAGMENT, PacketType.CLOSE_SESSION, PacketType.CA
 class ClientGone(InvalidRequest):
     """The request body ended before ``Content-Length`` bytes arrived."""
 
-    default_message = "The request body ended early; what arrived was kept."
+    default_message = "The request body ended early; the bytes stored so far were kept."
 
 
 class AckResponse(Response):
@@ -340,7 +341,7 @@ class BITSServer:
         state.received = start + written
         if written < count:
             session.save()
-            raise ClientGone()
+            raise BodyTimeout() if session.timed_out else ClientGone()
 
     def _received_ack(self, session: Session) -> Ack:
         ack = Ack(200, session_id=session.id)

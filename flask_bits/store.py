@@ -36,6 +36,7 @@ from dataclasses import fields
 
 from . import paths
 from .errors import BITSError
+from .errors import BodyTimeout
 from .errors import DestinationExists
 from .errors import DiskFull
 from .errors import InvalidRequest
@@ -407,6 +408,8 @@ class Session:
         self.state = state
         self.lock = lock
         self.removed = False
+        #: The last :meth:`write` ended because the body stalled (BITS_READ_TIMEOUT).
+        self.timed_out = False
 
     @property
     def id(self) -> str:
@@ -438,9 +441,16 @@ class Session:
         readinto = getattr(stream, "readinto", None)
 
         def read(n: int) -> int:
-            if readinto is not None:
-                return readinto(view[:n]) or 0
-            data = stream.read(n)
+            # 0 means the body ended early; a stalled read (BITS_READ_TIMEOUT) raises
+            # BodyTimeout. Either way the caller keeps what was stored before.
+            try:
+                if readinto is not None:
+                    return readinto(view[:n]) or 0
+                data = stream.read(n)
+            except TimeoutError:
+                raise BodyTimeout() from None
+            except (OSError, ValueError):
+                return 0  # the client went away
             view[: len(data)] = data
             return len(data)
 
@@ -460,8 +470,9 @@ class Session:
             while written < count:
                 try:
                     got = read(min(count - written, size))
-                except OSError:
-                    got = 0  # the client went away or the read timed out
+                except BodyTimeout:
+                    self.timed_out = True
+                    break
                 if got <= 0:
                     break
                 pos = 0
