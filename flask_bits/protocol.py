@@ -139,13 +139,23 @@ def parse_content_length(value: str | None) -> int | None:
     return int(text)
 
 
+#: Credentials may be longer than 4 KB (Kerberos tokens of large domains); T5 is about
+#: the protocol's own headers, so these get a larger bound.
+_LONG_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie"})
+MAX_CREDENTIAL_VALUE = 64 * 1024
+
+
 def check_header_sizes(items: t.Iterable[tuple[str, str]]) -> None:
     """Refuse any header value longer than 4 KB, and control characters (T5).
+
+    Credentials (``Authorization``, ``Proxy-Authorization``, ``Cookie``) may be up to
+    64 KB.
 
     :raises InvalidRequest: a value is too long or contains a control character.
     """
     for name, value in items:
-        if len(value) > MAX_HEADER_VALUE:
+        limit = MAX_CREDENTIAL_VALUE if name.lower() in _LONG_HEADERS else MAX_HEADER_VALUE
+        if len(value) > limit:
             raise InvalidRequest(f"The {_safe_name(name)} header is longer than 4 KB.")
         if _CONTROL_RE.search(value):
             raise InvalidRequest(

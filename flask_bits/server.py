@@ -322,13 +322,14 @@ class BITSServer:
             raise RangeMismatch(received)
         if rng.last >= received:
             self._write(packet, session, rng)
-        if state.received == state.total:
+        complete = state.received == state.total
+        if complete:
             state.phase = COMPLETE
-            session.save()
-            return self._final(packet, session)
         session.save()
         self.on_event("fragment-received", session_id=state.id, received=state.received,
                       total=state.total, written=state.received - received)
+        if complete:
+            return self._final(packet, session)
         return self._received_ack(session)
 
     def _write(self, packet: _Packet, session: Session, rng: ContentRange) -> None:

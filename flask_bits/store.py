@@ -99,6 +99,7 @@ class Tombstone:
     owner: str | None
     kind: str
     time: float
+    remote_path: str | None = None
 
 
 def io_error(exc: OSError, what: str) -> BITSError:
@@ -231,12 +232,12 @@ class SessionStore:
         if sid is None:
             raise SessionNotFound()
         if not os.path.isdir(self.session_dir(sid)):
-            self._raise_gone(sid, directory, owner)
+            self._raise_gone(sid, directory, owner, remote_path)
         with self.locker.hold(sid) as lock:
             state = self._read_state(sid)
             if state is None:
                 lock.discard = True
-                self._raise_gone(sid, directory, owner)
+                self._raise_gone(sid, directory, owner, remote_path)
             assert state is not None
             if state.directory != directory or state.owner != owner or (
                 remote_path is not None and remote_path != state.remote_path
@@ -256,9 +257,15 @@ class SessionStore:
             else:
                 yield Session(self, state, lock)
 
-    def _raise_gone(self, sid: str, directory: str, owner: str | None) -> t.NoReturn:
+    def _raise_gone(
+        self, sid: str, directory: str, owner: str | None, remote_path: str | None
+    ) -> t.NoReturn:
         tomb = self.tombstone(sid)
-        if tomb is not None and tomb.directory == directory and tomb.owner == owner:
+        if (
+            tomb is not None
+            and (tomb.directory, tomb.owner) == (directory, owner)
+            and (remote_path is None or tomb.remote_path in (None, remote_path))
+        ):
             raise SessionGone(tomb)
         raise SessionNotFound()
 
@@ -580,7 +587,8 @@ class Session:
         store, sid = self.store, self.id
         try:
             if tombstone:
-                tomb = Tombstone(sid, self.state.directory, self.state.owner, kind, time.time())
+                tomb = Tombstone(sid, self.state.directory, self.state.owner, kind, time.time(),
+                                 self.state.remote_path)
                 tmp = store._tombstone_path(sid) + ".tmp"
                 with open(tmp, "w") as f:
                     json.dump(asdict(tomb), f)
