@@ -73,3 +73,36 @@ class LockHandle:
         self.path = path
         #: Unlink the lock file on release (only when the session is gone for good).
         self.discard = False
+
+
+class DetachedLock:
+    """A lock taken in one thread and released in another (a detached forward)."""
+
+    def __init__(self, lock: filelock.BaseFileLock, path: str) -> None:
+        self._lock = lock
+        self.path = path
+
+    def release(self, *, discard: bool = False) -> None:
+        """Release; ``discard`` unlinks the lock file first (see the module docstring)."""
+        try:
+            if discard:
+                try:
+                    os.unlink(self.path)
+                except FileNotFoundError:
+                    pass
+        finally:
+            self._lock.release()
+
+
+def acquire_detached(locker: SessionLocker, name: str) -> DetachedLock:
+    """Take ``name``'s lock without waiting, releasable from any thread.
+
+    :raises SessionBusy: somebody holds it.
+    """
+    path = locker.path(name)
+    lock = filelock.FileLock(path, timeout=0, thread_local=False, is_singleton=False)
+    try:
+        lock.acquire()
+    except filelock.Timeout:
+        raise SessionBusy() from None
+    return DetachedLock(lock, path)

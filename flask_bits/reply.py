@@ -45,6 +45,8 @@ from .errors import ApplicationError
 from .errors import BITSError
 from .errors import InternalError
 from .errors import InvalidRequest
+from .locking import DetachedLock
+from .locking import acquire_detached
 from .protocol import Ack
 from .protocol import canonical_session_id
 from .store import FINISHED
@@ -219,7 +221,14 @@ class ReplyManager:
             "base_url": _base_url(packet.request, self.server.config.reply_url_base),
             "local_base": _local_base(packet.request),
         }
-        session.save()
+        # The forward's liveness lock is taken here, before anyone can see the new
+        # attempt, and released by the forward thread when it ends.
+        liveness = acquire_detached(self.server.store.locker, _lock_name(state.id, state.forward))
+        try:
+            session.save()
+        except BaseException:
+            liveness.release(discard=True)
+            raise
         upload = Upload(
             session_id=state.id,
             remote_path=state.remote_path,
@@ -232,22 +241,21 @@ class ReplyManager:
         event = threading.Event()
         with self._events_lock:
             self._events[token] = event
-        started = threading.Event()
         thread = threading.Thread(
             target=self._run,
-            args=(upload, dict(state.forward), started, event),
+            args=(upload, dict(state.forward), liveness, event),
             name=f"flask-bits-forward-{state.id}",
             daemon=True,
         )
         thread.start()
-        started.wait(5)
         return PendingReply(state.id, token, started_here=True)
 
     def _forward_dead(self, state: SessionState) -> bool:
         """True when the worker that ran the pending forward is gone (its lock is free)."""
         fwd = state.forward or {}
         try:
-            with self.server.store.locker.hold(_lock_name(state.id, fwd), timeout=0):
+            with self.server.store.locker.hold(_lock_name(state.id, fwd), timeout=0) as lock:
+                lock.discard = True  # that attempt is over for good: drop its lock file
                 return True
         except BITSError:
             return False
@@ -278,40 +286,30 @@ class ReplyManager:
                 return self._report_failure(session)
             if fwd.get("status") == REPLIED:
                 return self._finish_copy(session)
-        return Ack.for_error(
-            ApplicationError(
-                "The server application is still working; retry this fragment later.",
-                status=503,
-                hresult=HResult.E_PENDING,
-            ),
-            pending.session_id,
+            total = state.total
+        error = ApplicationError(
+            "The server application is still working; retry this fragment later.",
+            status=503,
+            hresult=HResult.E_PENDING,
         )
+        error.received = total
+        return Ack.for_error(error, pending.session_id)
 
     # -- the detached forward ---------------------------------------------------------------
 
     def _run(
-        self, upload: Upload, fwd: dict[str, t.Any], started: threading.Event,
+        self, upload: Upload, fwd: dict[str, t.Any], liveness: DetachedLock,
         done: threading.Event,
     ) -> None:
-        store = self.server.store
         try:
-            try:
-                lock = store.locker.hold(_lock_name(upload.session_id, fwd), timeout=0)
-                handle = lock.__enter__()
-            except BITSError:
-                started.set()
-                return  # another thread runs this very attempt
-            started.set()
             try:
                 result = self._call(upload, fwd)
                 self._apply(upload.session_id, fwd["token"], result)
             finally:
-                handle.discard = True
-                lock.__exit__(None, None, None)
+                liveness.release(discard=True)  # this attempt is over for good
         except Exception:
             log.exception("Upload-reply forward for %s failed", upload.session_id)
         finally:
-            started.set()
             done.set()
             with self._events_lock:
                 self._events.pop(fwd["token"], None)

@@ -309,6 +309,9 @@ class BITSServer:
             raise InvalidRequest("Only the identity Content-Encoding is supported.")
         if rng.length > cfg.max_fragment_size:
             raise FragmentTooLarge()
+        if state.content_name is None:
+            # Windows sends Content-Name on Fragments, not on Create-Session (A8).
+            state.content_name = _content_name(request)
         if state.total is None:
             if cfg.max_upload_size is not None and rng.total > cfg.max_upload_size:
                 raise UploadTooLarge()
