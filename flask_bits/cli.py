@@ -85,6 +85,7 @@ def cleanup_command() -> None:
         removed = server.store.cleanup(
             tombstone_timeout=min(s.config.tombstone_timeout for s in same),
             timeouts={s.name: s.config.session_timeout for s in same},
+            upload_folders={s.name: s.config.upload_folder for s in same},
         )
         for what, ident in removed:
             click.echo(f"removed {what} {ident}")

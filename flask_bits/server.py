@@ -390,6 +390,7 @@ class BITSServer:
                     state.total = 0
                     self.on_event("upload-completed", session_id=state.id,
                                   remote_path=state.remote_path, size=0, owner=state.owner)
+                session.discard_temp_copy(self.config.upload_folder)
                 session.remove("closed")
                 self.on_event("session-closed", session_id=state.id,
                               completed=state.committed or state.phase == FINISHED)
@@ -401,6 +402,7 @@ class BITSServer:
         """Cancel-Session (PROTOCOL.md 7.5): data and reply go; a committed file stays."""
         try:
             with self._open(packet) as session:
+                session.discard_temp_copy(self.config.upload_folder)
                 session.remove("cancelled")
                 self.on_event("session-cancelled", session_id=session.id)
                 return Ack(200, session_id=session.id)
@@ -440,6 +442,7 @@ class BITSServer:
                 removed = self.store.cleanup(
                     tombstone_timeout=self.config.tombstone_timeout,
                     timeouts={self.name: self.config.session_timeout},
+                    upload_folders={self.name: self.config.upload_folder},
                 )
         except BITSError:
             return []  # another process is sweeping

@@ -49,8 +49,9 @@ from .protocol import canonical_session_id
 
 log = logging.getLogger("flask_bits")
 
-#: Size of the buffer a fragment is streamed through (memory stays flat).
-CHUNK_SIZE = 1024 * 1024
+#: Size of the buffer a fragment is streamed through (memory stays flat). Small enough
+#: that a body stalling mid-read (BITS_READ_TIMEOUT) loses little of what arrived.
+CHUNK_SIZE = 256 * 1024
 
 # Session phases (PROTOCOL.md 5.3): RECEIVE_FRAGMENTS is split into "receiving" and
 # "complete" (all bytes held, final step not finished); WAIT_FOR_CLOSE is "finished".
@@ -337,12 +338,15 @@ class SessionStore:
         now: float | None = None,
         tombstone_timeout: float,
         timeouts: t.Mapping[str, float] | None = None,
+        upload_folders: t.Mapping[str, str] | None = None,
         stale_after: float = 3600,
     ) -> list[tuple[str, str]]:
         """Remove expired sessions, expired tombstones and debris of crashed requests.
 
         A session expires after its directory's session timeout (``timeouts`` maps
         directory names to seconds; otherwise the timeout recorded at creation).
+        ``upload_folders`` (directory name -> folder) lets it also delete the temporary
+        copy a crashed cross-filesystem commit may have left beside the destination.
         Safe to run at any time on any node: every session is re-checked under its lock,
         and a busy session is skipped. Returns ``(what, id)`` pairs of what was removed.
         """
@@ -364,7 +368,11 @@ class SessionStore:
                         continue
                     if not expired(fresh):
                         continue
-                    Session(self, fresh, lock).remove("expired", tombstone=False)
+                    session = Session(self, fresh, lock)
+                    folder = (upload_folders or {}).get(fresh.directory)
+                    if folder is not None:
+                        session.discard_temp_copy(folder)
+                    session.remove("expired", tombstone=False)
                     removed.append(("session", state.id))
             except BITSError:
                 continue  # busy: it is being used, so it is not idle
@@ -527,6 +535,17 @@ class Session:
             st = None
         if st is not None and stat.S_ISDIR(st.st_mode):
             raise InvalidRequest("The URL names a folder, not a file.")
+        copy_name = f"{paths.TEMP_PREFIX}{self.id}.tmp"
+        if st is not None:
+            try:
+                cst = os.stat(copy_name, dir_fd=dir_fd, follow_symlinks=False)
+            except FileNotFoundError:
+                cst = None
+            if cst is not None and (cst.st_ino, cst.st_dev) == (st.st_ino, st.st_dev):
+                # A crash after our copy was linked into place (another filesystem).
+                _unlink_quiet(data)
+                os.unlink(copy_name, dir_fd=dir_fd)
+                return
         try:
             src = os.stat(data)
         except FileNotFoundError:
@@ -585,23 +604,53 @@ class Session:
         committed to its destination is never touched.
         """
         store, sid = self.store, self.id
+        pending = None
         try:
             if tombstone:
                 tomb = Tombstone(sid, self.state.directory, self.state.owner, kind, time.time(),
                                  self.state.remote_path)
-                tmp = store._tombstone_path(sid) + ".tmp"
-                with open(tmp, "w") as f:
-                    json.dump(asdict(tomb), f)
-                os.replace(tmp, store._tombstone_path(sid))
+                try:
+                    self._write_tombstone(tomb)
+                except OSError as exc:
+                    if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                        raise
+                    pending = tomb  # written below, once this session's space is free
             trash = os.path.join(store.folder, "trash", f"{sid}.{os.getpid()}.{time.time_ns()}")
             os.rename(store.session_dir(sid), trash)
             shutil.rmtree(trash, ignore_errors=True)
+            if pending is not None:
+                try:
+                    self._write_tombstone(pending)
+                except OSError as exc:
+                    log.warning("No tombstone for session %s: %s", sid, exc)
             if self.state.owner is not None:
                 _unlink_quiet(os.path.join(store._owner_dir(self.state.owner), sid))
         except OSError as exc:
             raise io_error(exc, "removing a session") from None
         self.removed = True
         self.lock.discard = True
+
+    def _write_tombstone(self, tomb: Tombstone) -> None:
+        path = self.store._tombstone_path(tomb.id)
+        tmp = path + ".tmp"
+        try:
+            with open(tmp, "w") as f:
+                json.dump(asdict(tomb), f)
+            os.replace(tmp, path)
+        except BaseException:
+            _unlink_quiet(tmp)
+            raise
+
+    def discard_temp_copy(self, root: str) -> None:
+        """Delete the copy a crashed cross-filesystem commit left beside the destination."""
+        try:
+            names = paths.split_remote_path(self.state.remote_path)
+            with paths.open_parent(root, names) as dir_fd:
+                os.unlink(f"{paths.TEMP_PREFIX}{self.id}.tmp", dir_fd=dir_fd)
+        except (FileNotFoundError, BITSError):
+            pass
+        except OSError as exc:
+            log.warning("Could not delete the temporary copy of session %s: %s", self.id, exc)
 
 
 def _copy_into(src: str, dir_fd: int, name: str, *, fsync: bool) -> None:
