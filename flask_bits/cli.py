@@ -57,8 +57,8 @@ def sessions_command(as_json: bool) -> None:
     if not rows:
         click.echo("No open sessions.")
         return
-    header = f"{'SESSION':40} {'DIR':8} {'OWNER':12} {'RECEIVED/TOTAL':>22} {'AGE':>9} {'IDLE':>9} PHASE  PATH"
-    click.echo(header)
+    click.echo(f"{'SESSION':40} {'DIR':8} {'OWNER':12} {'RECEIVED/TOTAL':>22} "
+               f"{'AGE':>9} {'IDLE':>9} PHASE  PATH")
     for r in rows:
         total = "?" if r["total"] is None else r["total"]
         click.echo(

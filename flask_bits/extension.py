@@ -145,7 +145,8 @@ class BITS:
     @staticmethod
     def get_server(name: str = "bits", app: Flask | None = None) -> BITSServer:
         """The :class:`BITSServer` of directory ``name`` on ``app`` (or the current app)."""
-        return (app or current_app).extensions["bits"][name]
+        server: BITSServer = (app or current_app).extensions["bits"][name]
+        return server
 
 
 def flask_identity(req: Request) -> str | None:

@@ -58,7 +58,9 @@ class BITSMiddleware:
                 return server
         return None
 
-    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> t.Iterable[bytes]:
+    def __call__(
+        self, environ: WSGIEnvironment, start_response: StartResponse
+    ) -> t.Iterable[bytes]:
         request = Request(environ)
         server = self.server_for(request.path)
         if server is not None and server.replies is not None:

@@ -17,7 +17,7 @@ import stat
 import typing as t
 from contextlib import contextmanager
 
-from werkzeug.utils import safe_join
+from werkzeug.security import safe_join
 
 from .errors import AccessDenied
 from .errors import DestinationFolderMissing

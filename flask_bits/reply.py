@@ -475,11 +475,13 @@ class ReplyManager:
         prefix = self.server.config.url_prefix
 
         def bits_reply(sid: str, token: str) -> Response:
-            from flask import current_app
             from flask import request
 
-            server = current_app.extensions["bits"][name]
-            return server.replies.serve(request, sid, token)
+            from .extension import BITS
+
+            replies = BITS.get_server(name).replies
+            assert replies is not None
+            return replies.serve(request, sid, token)
 
         bits_reply.__name__ = f"bits_reply_{name}"
         app.add_url_rule(f"{prefix}/{REPLY_SEGMENT}/<sid>/<token>", f"bits_reply_{name}",

@@ -48,6 +48,9 @@ from .store import SessionGone
 from .store import SessionState
 from .store import SessionStore
 
+if t.TYPE_CHECKING:
+    from .reply import ReplyManager
+
 log = logging.getLogger("flask_bits")
 
 #: ``authorize(request, remote_path, packet_type)``: ``False`` denies (403); may raise
@@ -119,8 +122,8 @@ class BITSServer:
         )
         self.store.locker.on_wait = lambda seconds: self.on_event("lock-waited", seconds=seconds)
         os.makedirs(config.upload_folder, exist_ok=True)
-        #: Set by :mod:`flask_bits.reply` when this directory answers with replies.
-        self.replies: t.Any = None
+        #: Set when this directory answers with replies (upload-reply).
+        self.replies: ReplyManager | None = None
         self._handlers: dict[PacketType, t.Callable[[_Packet], Ack]] = {
             PacketType.CREATE_SESSION: self._create_session,
             PacketType.FRAGMENT: self._fragment,
@@ -297,6 +300,7 @@ class BITSServer:
             if isinstance(result, Ack):
                 return result
             # Upload-reply: wait for the server application without the session lock.
+            assert self.replies is not None
             return self.replies.wait(packet, result)
         except SessionGone:
             raise SessionNotFound() from None
