@@ -9,6 +9,7 @@
 Every ``BITS_*`` environment variable is read into the config key of the same name
 (JSON-parsed when it parses, else the string). ``EXAMPLE_AUTH=basic`` protects both
 directories with HTTP Basic (users ``alice:alice-pw`` and ``bob:bob-pw``).
+``EXAMPLE_DASHBOARD=1`` mounts the live view at ``/bits-admin/`` (``admin:admin-pw``).
 
     flask --app example_app run
     gunicorn -w 2 -b 127.0.0.1:8080 'example_app:create_app()'
@@ -25,6 +26,7 @@ from flask import Flask
 
 from flask_bits import BITS
 
+from .dashboard import register_dashboard
 from .server_app import register_server_app
 
 
@@ -87,4 +89,5 @@ def create_app(test_config: t.Mapping[str, t.Any] | None = None) -> Flask:
             return sha256_line(f)
 
     reply.init_app(app)
+    register_dashboard(app)
     return app

@@ -390,6 +390,8 @@ class ReplyManager:
             fwd["copy"] = bool(result.copy)
             fwd["finished"] = time.time()
             self._finish_copy(session)
+        self.server.on_event("upload-completed", session_id=session_id,
+                             remote_path=state.remote_path, size=state.total, owner=state.owner)
         self.server.on_event("reply-forwarded", session_id=session_id, status=200,
                              duration=time.time() - float(fwd.get("started", time.time())))
 
