@@ -25,10 +25,14 @@ What the client does on its own:
   when that host stays unreachable for ``BITS-Host-Id-Fallback-Timeout`` seconds it goes
   back to the original URL;
 * HTTP Basic (``--user USER:PASS``), sent once the server has asked for it (401);
-* ``BITS-Reply-URL``: downloads the reply (HEAD, then ranged GETs) before Close-Session;
+* ``BITS-Reply-URL``: downloads the reply (HEAD, then ranged GETs, resumable) before
+  Close-Session; it goes to ``--reply-output PATH`` (``-`` for stdout), by default to
+  stdout when it is at most 64 KiB, else to ``FILENAME.reply`` in the current folder;
 * transient failures -- connection errors, 408, 409, 5xx except 501 and 505 -- are
   retried with exponential backoff, at most ``--max-retries`` times in a row and for at
-  most ``--timeout`` seconds in a row (any success resets both); other 4xx are fatal;
+  most ``--timeout`` seconds in a row (any success resets both); other 4xx are fatal,
+  and so is ``BG_E_TOO_LARGE``; a 503 ``E_PENDING`` (the server application is still
+  making the reply) is asked again without counting as a failure;
 * ``--state-file PATH`` records the session so that re-running the same command after an
   interruption or a failure continues the same session.
 
@@ -58,6 +62,7 @@ import argparse
 import base64
 import contextlib
 import dataclasses
+import functools
 import http.client
 import io
 import json
@@ -66,6 +71,7 @@ import os
 import random
 import re
 import ssl
+import stat
 import sys
 import time
 import typing as t
@@ -84,6 +90,12 @@ DEFAULT_REPLY_CHUNK_SIZE = 1024 * 1024
 
 BG_E_SESSION_NOT_FOUND = 0x8020001F
 BG_E_TOO_LARGE = 0x80200020
+#: With a 503: the server application is still working on the upload; retry later.
+E_PENDING = 0x8000000A
+#: Packets that name a session (and so can get BG_E_SESSION_NOT_FOUND).
+_SESSION_PACKETS = ("Fragment", "Close-Session", "Cancel-Session")
+#: Pause between retries of a final fragment whose reply is still being made.
+PENDING_DELAY = 1.0
 
 EXIT_OK = 0
 EXIT_USAGE = 2
@@ -100,6 +112,7 @@ _HRESULT_NAMES = {
     0x80070070: "ERROR_DISK_FULL (the server is out of disk space)",
     0x80070112: "the server application did not answer in time",
     0x80004005: "E_FAIL (unexpected server error)",
+    0x8000000A: "E_PENDING (the server application is still working)",
 }
 
 #: ``progress(phase, done, total)``: ``phase`` is ``"upload"`` or ``"reply"``; ``done``
@@ -163,10 +176,13 @@ class _Transient(Exception):
     """One failed attempt that may succeed later."""
 
     def __init__(self, message: str, *, connection: bool = False,
-                 retry_after: float | None = None) -> None:
+                 retry_after: float | None = None, pending: bool = False) -> None:
         super().__init__(message)
         self.connection = connection
         self.retry_after = retry_after
+        #: The server is busy with this very request (a reply being made): retrying
+        #: does not count as a failure, only against the time limit.
+        self.pending = pending
 
 
 class _SessionLost(Exception):
@@ -362,9 +378,10 @@ class _Connections:
             body = body_factory() if body_factory is not None else None
             if body is None and method not in ("GET", "HEAD"):
                 headers.setdefault("Content-Length", "0")
+            early = False
             try:
                 try:
-                    conn.request(method, target, body=body, headers=headers)  # type: ignore[arg-type]
+                    conn.request(method, target, body=body, headers=headers)
                 except (OSError, http.client.HTTPException) as exc:
                     # The server may have answered early (a 413 before reading the body)
                     # and closed: try to read that answer before giving up.
@@ -374,6 +391,7 @@ class _Connections:
                         resp = conn.getresponse()
                     except (OSError, http.client.HTTPException):
                         raise exc from None
+                    early = True  # the body was not sent whole: never reuse this one
                 else:
                     resp = conn.getresponse()
                 self._used.add(key)
@@ -382,10 +400,8 @@ class _Connections:
                     sink(resp)
                     data = b""
                 else:
-                    data = resp.read(65536) if method != "HEAD" else b""
-                if not resp.isclosed():
-                    self.drop(url)
-                elif resp.will_close:
+                    data = resp.read(65536)
+                if early or resp.will_close or not resp.isclosed():
                     self.drop(url)
                 return _Response(resp.status, resp.reason or "", headers_out, data)
             except LocalFileError:
@@ -429,19 +445,32 @@ class _Retrier:
         self.failures = 0
         self.started = None
 
-    def failed(self, error: Exception, retry_after: float | None = None) -> None:
-        """Sleep before the next try, or raise :class:`RetriesExhausted`."""
+    def failed(self, error: Exception, retry_after: float | None = None, *,
+               pending: bool = False) -> None:
+        """Sleep before the next try, or raise :class:`RetriesExhausted`.
+
+        ``pending`` answers ("still working, retry later") count only against the time
+        limit, and are retried after :data:`PENDING_DELAY` (or ``Retry-After``).
+        """
         now = time.monotonic()
         if self.started is None:
             self.started = now
-        self.failures += 1
         elapsed = now - self.started
+        if pending:
+            if elapsed >= self.timeout:
+                raise RetriesExhausted(f"giving up after {elapsed:.1f}s: {error}") from error
+            wait = PENDING_DELAY if retry_after is None else retry_after
+            pause = min(wait, self.max_delay, self.timeout - elapsed)
+            log.info("%s; asking again in %.1fs", error, pause)
+            time.sleep(max(0.0, pause))
+            return
+        self.failures += 1
         if self.failures > self.max_retries or elapsed >= self.timeout:
             raise RetriesExhausted(
                 f"giving up after {self.failures} failed tries in {elapsed:.1f}s: {error}"
             ) from error
-        pause = min(self.max_delay, self.delay * 2 ** (self.failures - 1))
-        pause *= random.uniform(0.75, 1.25)
+        pause = self.delay * 2 ** min(self.failures - 1, 30)
+        pause = min(self.max_delay, pause * random.uniform(0.75, 1.25))
         if retry_after is not None:
             pause = max(pause, min(retry_after, self.max_delay))
         pause = max(0.0, min(pause, self.timeout - elapsed))
@@ -515,7 +544,7 @@ class _Source:
         except (AttributeError, OSError, io.UnsupportedOperation):
             return None
         st = os.fstat(fd)
-        if not os.path.isfile(f"/dev/fd/{fd}") and not _is_regular(st):
+        if not stat.S_ISREG(st.st_mode):
             return None
         return st.st_size, st.st_mtime_ns
 
@@ -533,12 +562,6 @@ class _Source:
     def close(self) -> None:
         if self._owned:
             self.file.close()
-
-
-def _is_regular(st: os.stat_result) -> bool:
-    import stat
-
-    return stat.S_ISREG(st.st_mode)
 
 
 class _StateFile:
@@ -863,7 +886,7 @@ class _Exchanger:
                     self.need_ping = True
                     if self.on_connection_failure is not None:
                         self.on_connection_failure(str(exc))
-                self.retrier.failed(exc, exc.retry_after)
+                self.retrier.failed(exc, exc.retry_after, pending=exc.pending)
 
     def _bits_post(self, packet: str, url: str, headers: dict[str, str],
                    body: t.Callable[[], _Body] | None = None) -> _Response:
@@ -871,7 +894,7 @@ class _Exchanger:
 
     def _check(self, packet: str, resp: _Response, ok: tuple[int, ...]) -> None:
         if resp.status in ok:
-            if not resp.is_ack:
+            if not resp.is_ack and resp.status != 413:  # a proxy's 413 is fine too
                 raise ServerRefused(f"{packet}: the server answered {resp.status} without "
                                     "a BITS Ack; is this URL a BITS upload directory?",
                                     status=resp.status)
@@ -879,7 +902,7 @@ class _Exchanger:
         code = resp.hresult()
         ctx = _parse_hex(resp.get("BITS-Error-Context"))
         what = f"{packet}: {resp.describe()}"
-        if code == BG_E_SESSION_NOT_FOUND and resp.is_ack and packet != "Ping":
+        if code == BG_E_SESSION_NOT_FOUND and resp.is_ack and packet in _SESSION_PACKETS:
             raise _SessionLost(what)
         if resp.status == 401:
             hint = ("the credentials were rejected" if self.client.auth is not None
@@ -892,7 +915,8 @@ class _Exchanger:
             raise ServerRefused(what, status=resp.status, hresult=code, context=ctx)
         if resp.status == 409 and packet in ("Create-Session", "Fragment"):
             what += " (the destination exists and may not be overwritten?)"
-        raise _Transient(what, retry_after=_retry_after(resp))
+        pending = resp.status == 503 and code == E_PENDING and packet == "Fragment"
+        raise _Transient(what, retry_after=_retry_after(resp), pending=pending)
 
 
 class _UploadJob:
@@ -1008,19 +1032,20 @@ class _UploadJob:
         size = self.src.size
         while True:
             self.src.check_unchanged()
-            if size == 0:
+            if size == 0:  # the empty file (PROTOCOL.md A11)
                 first, length, rng = 0, 0, "bytes 0--1/0"
             else:
-                first = min(self.offset, size - 1) if self.offset >= size else self.offset
-                if self.offset >= size:  # everything was acked; fetch the final Ack again
-                    first = max(0, size - min(self.fragment_size, size))
+                # Everything acknowledged already (a resumed run that lost the final
+                # Ack): send the last fragment again to get the final Ack replayed.
+                first = self.offset if self.offset < size else size - min(
+                    self.fragment_size, size)
                 length = min(self.fragment_size, size - first)
                 rng = f"bytes {first}-{first + length - 1}/{size}"
             self._report("upload", self.offset)
             resp = self.exchange.post(
                 "Fragment", lambda: self.url, session_id=self.session_id,
-                headers=lambda: self._fragment_headers(rng, length),
-                body=lambda: self._body(first, length),
+                headers=functools.partial(self._fragment_headers, rng, length),
+                body=functools.partial(self._body, first, length),
                 ok=(200, 413, 416),
             )
             self.inflight = 0
@@ -1187,6 +1212,7 @@ class _ReplyDownload:
         self.url = url
         self.exchange = job.exchange
         self.retrier = job.exchange.retrier
+        self.validator: str | None = None
 
     def run(self) -> _ReplySink:
         size, validator = self._head()
@@ -1201,15 +1227,13 @@ class _ReplyDownload:
             target = target(size)
         sink = _ReplySink(target, size, resume_ok=resume_ok)
         try:
-            job.reply_meta = {"url": self.url, "size": size, "validator": validator,
-                              "path": sink.path}
-            job._save()
+            self._remember(sink, size, validator)
             pos = sink.start
             job._report("reply", pos, size)
             while pos < size:
                 end = min(size, pos + job.client.reply_chunk_size) - 1
                 try:
-                    pos = self._get_range(sink, pos, end, size, validator)
+                    pos = self._get_range(sink, pos, end, size)
                 except _Transient as exc:
                     self.retrier.failed(exc, exc.retry_after)
                     continue
@@ -1218,8 +1242,7 @@ class _ReplyDownload:
                     size, validator = self._head()
                     sink.restart()
                     sink.size = size
-                    job.reply_meta = {"url": self.url, "size": size, "validator": validator,
-                                      "path": sink.path}
+                    self._remember(sink, size, validator)
                     pos = 0
                     continue
                 self.retrier.reset()
@@ -1228,6 +1251,12 @@ class _ReplyDownload:
             return sink
         finally:
             sink.close()
+
+    def _remember(self, sink: _ReplySink, size: int, validator: str | None) -> None:
+        self.validator = validator
+        self.job.reply_meta = {"url": self.url, "size": size, "validator": validator,
+                               "path": sink.path}
+        self.job._save()
 
     def _head(self) -> tuple[int, str | None]:
         while True:
@@ -1244,57 +1273,58 @@ class _ReplyDownload:
             except _Transient as exc:
                 self.retrier.failed(exc, exc.retry_after)
 
-    def _get_range(self, sink: _ReplySink, pos: int, end: int, size: int,
-                   validator: str | None) -> int:
+    def _get_range(self, sink: _ReplySink, pos: int, end: int, size: int) -> int:
+        """GET bytes ``pos..end``; returns the new position (short after a cut)."""
         written = 0
+        expected = end + 1 - pos
 
         def consume(resp: http.client.HTTPResponse) -> None:
-            nonlocal written
+            nonlocal written, expected
             if resp.status != 206:
                 return
-            while True:
-                try:
-                    chunk = resp.read(65536)
-                except (OSError, http.client.HTTPException):
-                    raise
+            crange = _parse_content_range(resp.getheader("Content-Range"))
+            if crange is None or crange[0] != pos or crange[2] != size or not (
+                pos <= crange[1] <= end
+            ):
+                raise ServerRefused(f"reply: bad Content-Range "
+                                    f"{resp.getheader('Content-Range')!r} for "
+                                    f"bytes={pos}-{end} of {size}")
+            expected = crange[1] + 1 - pos
+            while written < expected:
+                chunk = resp.read(min(65536, expected - written))
                 if not chunk:
                     break
-                room = end + 1 - pos - written
-                sink.write(chunk[:room])
-                written += min(len(chunk), room)
+                sink.write(chunk)
+                written += len(chunk)
                 self.job._report("reply", pos + written, size)
 
         headers = {"Range": f"bytes={pos}-{end}", "Accept-Encoding": "identity"}
-        if validator:
-            headers["If-Range"] = validator
+        if self.validator:
+            headers["If-Range"] = self.validator
         try:
             resp = self._request("GET", headers, sink=consume)
         except _Transient:
             if written:
-                return pos + written  # keep what arrived; the retry continues from here
+                return pos + written  # keep what arrived; the next GET continues here
             raise
         if resp.status == 206:
-            crange = _parse_content_range(resp.get("Content-Range"))
-            if crange is None or crange[0] != pos or crange[2] != size:
-                raise ServerRefused(f"reply: bad Content-Range {resp.get('Content-Range')!r} "
-                                    f"for bytes={pos}-{end}")
-            if written < end + 1 - pos:
+            if written < expected:
                 if written:
                     return pos + written
                 raise _Transient("reply: the range answer ended early", connection=True)
-            return end + 1
+            return pos + written
         if resp.status == 200:
-            if pos == 0 and end == size - 1 and len(resp.body) == size and size <= 65536:
-                sink.write(resp.body)
-                return size
-            if validator and resp.get("ETag", resp.get("Last-Modified")) != validator:
+            # A 200 to a range request means no range support (D3) or, with If-Range,
+            # that the reply changed.
+            if self.validator and (resp.get("ETag") or resp.get("Last-Modified")) not in (
+                None, self.validator
+            ):
                 raise _ReplyChanged("reply: the reply changed on the server")
             raise ServerRefused("reply: the server ignored the Range header "
                                 "(BG_E_INSUFFICIENT_RANGE_SUPPORT)", status=200)
         if resp.status == 416:
             raise _ReplyChanged("reply: 416 for a range inside the reply's size")
         self._fail("GET", resp)
-        raise AssertionError("unreachable")  # pragma: no cover
 
     def _request(self, method: str, headers: dict[str, str],
                  sink: t.Callable[[http.client.HTTPResponse], None] | None = None,
@@ -1423,10 +1453,10 @@ def _positive_float(text: str) -> float:
     return value
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     """The ``python -m flask_bits.client`` argument parser."""
     parser = argparse.ArgumentParser(
-        prog="python -m flask_bits.client",
+        prog=prog or "python -m flask_bits.client",
         description="Upload files to a BITS upload server (Windows BITS upload protocol).",
         epilog=_exit_codes_text(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -1498,7 +1528,7 @@ class _ProgressPrinter:
         self.tqdm: t.Any = None
         if not quiet and sys.stderr.isatty():
             try:
-                from tqdm import tqdm
+                from tqdm import tqdm  # type: ignore[import-untyped,unused-ignore]
 
                 self.tqdm = tqdm
             except ImportError:
@@ -1542,9 +1572,9 @@ def _human(n: int) -> str:
     return f"{n} B"  # pragma: no cover
 
 
-def main(argv: t.Sequence[str] | None = None) -> int:
-    """Run the command line; returns the exit code."""
-    parser = build_parser()
+def main(argv: t.Sequence[str] | None = None, *, prog: str | None = None) -> int:
+    """Run the command line; returns the exit code (see the module docstring)."""
+    parser = build_parser(prog)
     args = parser.parse_args(argv)
     level = logging.ERROR if args.quiet else (logging.INFO if args.verbose else logging.WARNING)
     handler = logging.StreamHandler(sys.stderr)

@@ -459,10 +459,13 @@ class BITSServer:
 
 
 class _read_timeout:
-    """Bound each body read on gunicorn's socket (``BITS_READ_TIMEOUT``)."""
+    """Bound each body read on the server's socket (``BITS_READ_TIMEOUT``): gunicorn and
+    werkzeug's server expose it; other servers must enforce their own read timeout."""
 
     def __init__(self, request: Request, seconds: float | None) -> None:
-        self.sock = request.environ.get("gunicorn.socket") if seconds else None
+        environ = request.environ
+        sock = environ.get("gunicorn.socket") or environ.get("werkzeug.socket")
+        self.sock = sock if seconds else None
         self.seconds = seconds
         self.old: float | None = None
 
