@@ -148,18 +148,14 @@ class BITSServer:
         except Exception:
             log.exception("Unexpected error handling %s", _printable(packet_name))
             result = self.error_ack(InternalError(), sid)
-        if isinstance(result, Response):
-            response = self.as_ack(result, sid)
-            status = response.status_code
-        else:
-            self._log(result, packet_name, request, started)
-            response = self.ack_response(result)
-            status = result.status
+        if isinstance(result, Response):  # e.g. a 401 challenge from the authorize hook
+            result = self._ack_for(result, sid)
+        self._log(result, packet_name, request, started)
         parsed = PacketType.parse(packet_name)
         self.on_event("packet-handled", packet_type=parsed.value if parsed else "unknown",
-                      status=status, bytes=request.content_length or 0,
+                      status=result.status, bytes=request.content_length or 0,
                       duration=time.monotonic() - started)
-        return response
+        return self.ack_response(result)
 
     def error_ack(self, error: BITSError, session_id: str | None) -> Ack:
         """The Ack for ``error``; the session id is echoed only for session packets."""
@@ -178,6 +174,9 @@ class BITSServer:
         into an Ack with the same status: no body, error headers, challenges kept."""
         if response.headers.get(Header.PACKET_TYPE) == "Ack":
             return response
+        return self.ack_response(self._ack_for(response, session_id))
+
+    def _ack_for(self, response: Response, session_id: str | None) -> Ack:
         status = response.status_code
         if status < 400:
             error: BITSError = InternalError("The application answered a BITS packet "
@@ -190,7 +189,7 @@ class BITSServer:
             for value in response.headers.getlist(name):
                 ack.headers.append((name, value))
         response.close()
-        return self.ack_response(ack)
+        return ack
 
     def _log(self, ack: Ack, packet: str, request: Request, started: float) -> None:
         ms = (time.monotonic() - started) * 1000
@@ -223,6 +222,10 @@ class BITSServer:
                 raise InvalidRequest("The BITS-Packet-Type header is missing.")
             raise InvalidRequest("Unknown BITS-Packet-Type.")
         check_header_sizes(request.headers.items())
+        try:
+            request.url  # noqa: B018 - werkzeug validates the Host header's port here
+        except ValueError:
+            raise InvalidRequest("The Host header is malformed.") from None
         if "chunked" in request.headers.get("Transfer-Encoding", "").lower():
             raise InvalidRequest("Chunked request bodies are not allowed; send Content-Length.")
         content_length = parse_content_length(request.headers.get("Content-Length"))

@@ -171,6 +171,11 @@ class SessionStore:
             except BaseException:
                 shutil.rmtree(staging, ignore_errors=True)
                 raise
+            if total_limit is not None and self.count() > total_limit:
+                # Counted after appearing: racing creators may all be refused, but never
+                # all let in past the cap.
+                shutil.rmtree(self.session_dir(state.id), ignore_errors=True)
+                raise TooManySessions()
         except OSError as exc:
             if marker is not None:
                 _unlink_quiet(marker)
