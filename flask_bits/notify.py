@@ -11,6 +11,7 @@ Uses ``requests`` (``pip install flask-bits[http]``).
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 import typing as t
@@ -26,18 +27,24 @@ if t.TYPE_CHECKING:
     from .reply import _Result
 
 _CHUNK = 1024 * 1024
+log = logging.getLogger("flask_bits")
 
 
-def resolve_notification_url(notification_url: str, destination_url: str, local_base: str) -> str:
-    """The URL to POST to (PROTOCOL.md 8.6, A19).
+def resolve_notification_url(
+    notification_url: str, destination_url: str, local_base: str | None
+) -> str | None:
+    """The URL to POST to (PROTOCOL.md 8.6, A19), or ``None`` if it cannot be resolved.
 
     An absolute URL is used as is; a relative one is resolved against the destination's
-    path on ``local_base`` (this server's own address). The destination's query string
-    is appended, joined with ``&`` when the URL already has one.
+    path on ``local_base`` (this server's own address; ``None`` when unknown). The
+    destination's query string is appended, joined with ``&`` when the URL already has
+    one.
     """
     dest = urllib.parse.urlsplit(destination_url)
     if urllib.parse.urlsplit(notification_url).scheme:
         url = notification_url
+    elif local_base is None:
+        return None
     else:
         url = urllib.parse.urljoin(local_base + (dest.path or "/"), notification_url)
     if dest.query:
@@ -70,6 +77,11 @@ class HttpNotifier:
         cfg = self.config
         assert cfg.notification_url is not None
         url = resolve_notification_url(cfg.notification_url, upload.url, fwd["local_base"])
+        if url is None:
+            log.error("A relative BITS_NOTIFICATION_URL needs a WSGI server that exposes its "
+                      "socket (gunicorn, werkzeug); use an absolute URL here.")
+            return _Result(error=ApplicationError(
+                "The server application's URL cannot be resolved on this server."))
         headers = {
             Header.ORIGINAL_REQUEST_URL: upload.url,
             "User-Agent": "flask-bits",

@@ -438,9 +438,11 @@ class ReplyManager:
         sid = canonical_session_id(sid_hex)
         state = None if sid is None else self.server.store.peek(sid)
         fwd = {} if state is None else (state.forward or {})
-        if state is not None and self.server.authorize is not None:
-            # The same authentication as the upload (PROTOCOL.md 8.11 D8).
-            verdict = self.server.authorize(request, state.remote_path, None)
+        if self.server.authorize is not None:
+            # The same authentication as the upload (PROTOCOL.md 8.11 D8), asked whether
+            # or not the session exists, so that the answer reveals nothing.
+            remote = state.remote_path if state is not None else ""
+            verdict = self.server.authorize(request, remote, None)
             if isinstance(verdict, Response):
                 return verdict
             if verdict is False:
@@ -566,15 +568,17 @@ def _base_url(request: Request, configured: str | None) -> str:
     return request.host_url.rstrip("/") + request.root_path
 
 
-def _local_base(request: Request) -> str:
+def _local_base(request: Request) -> str | None:
     """``http://<address the server accepted this connection on>``, for relative
-    notification URLs: never a host taken from the request's headers (SECURITY.md)."""
+    notification URLs: never a host taken from the request's headers (SECURITY.md).
+    ``None`` when the WSGI server does not expose its socket (then only an absolute
+    ``BITS_NOTIFICATION_URL`` can be used: ``SERVER_NAME``/``SERVER_PORT`` may come from
+    the client's ``Host`` header)."""
     sock = request.environ.get("gunicorn.socket") or request.environ.get("werkzeug.socket")
     try:
         host, port = sock.getsockname()[:2]  # type: ignore[union-attr]
     except (AttributeError, OSError, ValueError, TypeError):
-        host = request.environ.get("SERVER_ADDR", "127.0.0.1")
-        port = request.environ.get("SERVER_PORT", "80")
+        return None
     if host in ("0.0.0.0", "::", ""):
         host = "127.0.0.1"
     if ":" in str(host):

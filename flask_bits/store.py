@@ -19,6 +19,7 @@ does not hold.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -40,6 +41,7 @@ from .errors import BodyTimeout
 from .errors import DestinationExists
 from .errors import DiskFull
 from .errors import InvalidRequest
+from .errors import SessionBusy
 from .errors import SessionNotFound
 from .errors import StorageError
 from .errors import TooManySessions
@@ -239,18 +241,30 @@ class SessionStore:
             raise SessionNotFound()
         if not os.path.isdir(self.session_dir(sid)):
             self._raise_gone(sid, directory, owner, remote_path)
-        with self.locker.hold(sid) as lock:
+
+        def visible(state: SessionState) -> bool:
+            return (state.directory, state.owner) == (directory, owner) and (
+                remote_path is None or remote_path == state.remote_path
+            )
+
+        with contextlib.ExitStack() as stack:
+            try:
+                lock = stack.enter_context(self.locker.hold(sid, timeout=0))
+            except SessionBusy:
+                # Busy: someone else's session must not answer "busy" (an existence
+                # oracle, and a way to tie up workers), so check before waiting.
+                peeked = self._read_state(sid)
+                if peeked is not None and not visible(peeked):
+                    raise SessionNotFound() from None
+                lock = stack.enter_context(self.locker.hold(sid))
             state = self._read_state(sid)
             if state is None:
                 lock.discard = True
                 self._raise_gone(sid, directory, owner, remote_path)
             assert state is not None
-            if state.directory != directory or state.owner != owner or (
-                remote_path is not None and remote_path != state.remote_path
-            ):
+            if not visible(state):
                 raise SessionNotFound()
-            session = Session(self, state, lock)
-            yield session
+            yield Session(self, state, lock)
 
     @contextmanager
     def lock_existing(self, session_id: str) -> t.Iterator[Session | None]:
