@@ -576,9 +576,12 @@ def _local_base(request: Request) -> str | None:
     the client's ``Host`` header)."""
     sock = request.environ.get("gunicorn.socket") or request.environ.get("werkzeug.socket")
     try:
-        host, port = sock.getsockname()[:2]  # type: ignore[union-attr]
-    except (AttributeError, OSError, ValueError, TypeError):
+        name = sock.getsockname()  # type: ignore[union-attr]
+    except (AttributeError, OSError):
         return None
+    if not (isinstance(name, tuple) and len(name) >= 2):
+        return None  # a unix socket has no TCP address: only an absolute URL can work
+    host, port = name[:2]
     if host in ("0.0.0.0", "::", ""):
         host = "127.0.0.1"
     if ":" in str(host):
