@@ -335,7 +335,7 @@ class BITSServer:
         complete = state.received == state.total
         if complete:
             state.phase = COMPLETE
-        session.save()
+        session.save_progress()
         self.on_event("fragment-received", session_id=state.id, received=state.received,
                       total=state.total, written=state.received - received)
         if complete:

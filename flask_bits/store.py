@@ -51,9 +51,15 @@ from .protocol import canonical_session_id
 
 log = logging.getLogger("flask_bits")
 
-#: Size of the buffer a fragment is streamed through (memory stays flat). Small enough
-#: that a body stalling mid-read (BITS_READ_TIMEOUT) loses little of what arrived.
-CHUNK_SIZE = 256 * 1024
+#: Size of the buffer a fragment is streamed through (memory stays flat). 1 MiB is
+#: gunicorn's read-ahead (SocketUnreader.max_body_chunk): with smaller reads its
+#: Unreader copies what is left of its buffer again on every read. A body stalling
+#: mid-read (BITS_READ_TIMEOUT) loses at most this much; the client resends it.
+CHUNK_SIZE = 1024 * 1024
+
+#: A fragment rewrites the state file only for this idle-timer precision (seconds), or
+#: a tenth of the session timeout when that is shorter.
+ACTIVITY_PRECISION = 60.0
 
 # Session phases (PROTOCOL.md 5.3): RECEIVE_FRAGMENTS is split into "receiving" and
 # "complete" (all bytes held, final step not finished); WAIT_FOR_CLOSE is "finished".
@@ -292,12 +298,21 @@ class SessionStore:
     def _read_state(self, sid: str) -> SessionState | None:
         try:
             with open(os.path.join(self.session_dir(sid), "state.json"), "rb") as f:
-                return SessionState.from_json(json.load(f))
+                state = SessionState.from_json(json.load(f))
         except FileNotFoundError:
             return None
         except (ValueError, TypeError) as exc:
             log.error("Unreadable session state %s: %s", sid, exc)
             return None
+        if state.phase == RECEIVING:
+            # Fragments are written at offset == the data file's size, and a failed write
+            # is cut off again, so while receiving the size is the next expected offset
+            # (Session.save_progress does not rewrite the state file for it).
+            try:
+                state.received = max(state.received, os.stat(self.data_path(sid)).st_size)
+            except FileNotFoundError:
+                pass
+        return state
 
     def peek(self, session_id: str) -> SessionState | None:
         """Read a session's state without locking (for listings and cleanup)."""
@@ -442,6 +457,7 @@ class Session:
         self.state = state
         self.lock = lock
         self.removed = False
+        self._stored = (state.total, state.phase, state.last_activity)
         #: The last :meth:`write` ended because the body stalled (BITS_READ_TIMEOUT).
         self.timed_out = False
 
@@ -461,6 +477,18 @@ class Session:
             self.store._write_state(self.store.session_dir(self.id), self.state)
         except OSError as exc:
             raise io_error(exc, "saving session state") from None
+        self._stored = (self.state.total, self.state.phase, self.state.last_activity)
+
+    def save_progress(self) -> None:
+        """Persist a fragment: like :meth:`save`, but skip the state file when only
+        ``received`` changed (the data file's size records it, see ``_read_state``) and
+        the stored idle timer is less than :data:`ACTIVITY_PRECISION` seconds old."""
+        total, phase, activity = self._stored
+        precision = min(ACTIVITY_PRECISION, self.state.timeout / 10)
+        if (self.state.total, self.state.phase) != (total, phase) or (
+            time.time() - activity >= precision
+        ):
+            self.save()
 
     def write(self, offset: int, skip: int, count: int, stream: t.IO[bytes]) -> int:
         """Stream ``skip`` bytes to nowhere, then ``count`` bytes into the file at ``offset``.
@@ -516,7 +544,12 @@ class Session:
             if self.store.fsync:
                 os.fsync(fd)
         except OSError as exc:
-            # Keep what is safely on disk: the acknowledged offset never moves past it.
+            # Keep what is safely on disk: the acknowledged offset never moves past it,
+            # and the data file (whose size is the next expected offset) neither.
+            try:
+                os.ftruncate(fd, offset)
+            except OSError:
+                pass
             raise io_error(exc, "writing fragment data") from None
         finally:
             os.close(fd)

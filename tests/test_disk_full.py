@@ -201,8 +201,11 @@ def test_disk_full_for_real_or_injected(tmp_path: Path, tmpfs: Path | None) -> N
         assert acked <= held < total
         part = data_part(base / "sessions", sid)
         assert read_range(part, 0, held) == read_range(src, 0, held)
+        top_up = None
         if tmpfs is not None:
-            # No space for a new session either (7.2 step 6), and no half-made one left.
+            # A failed write is cut back, so fill what it freed: then there is no space
+            # for a new session either (7.2 step 6), and no half-made one is left.
+            top_up = fill_up(base, "top-up.bin")
             create = packet(server.url, "/bits/another.bin", "Create-Session")
             assert create.status == 500 and is_ack(create), create
             assert create.get("BITS-Error-Code") == DISK_FULL, create
@@ -214,6 +217,8 @@ def test_disk_full_for_real_or_injected(tmp_path: Path, tmpfs: Path | None) -> N
             clear_trigger(faults, "fail-pwrite")
         else:
             filler.unlink()
+            assert top_up is not None
+            top_up.unlink()
         finish(server.url, path, sid, src, held, total)
 
     assert sha256_file(base / "uploads" / "too-big.bin") == digest
@@ -222,9 +227,9 @@ def test_disk_full_for_real_or_injected(tmp_path: Path, tmpfs: Path | None) -> N
     assert upload_temp_files(base / "uploads") == []
 
 
-def fill_up(folder: Path) -> Path:
+def fill_up(folder: Path, name: str = "filler.bin") -> Path:
     """Write a filler file into ``folder`` until its filesystem has no space left."""
-    filler = folder / "filler.bin"
+    filler = folder / name
     block = os.urandom(64 * 1024)
     with open(filler, "wb", buffering=0) as f:
         for _ in range(TMPFS_SIZE // len(block) + 1):
