@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 
 from example_app import env_config
-
 from flask_bits import BITSMiddleware
 
 

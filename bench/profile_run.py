@@ -27,8 +27,8 @@ sys.path[:0] = [str(BENCH), str(BENCH.parent / "tests"), str(BENCH.parent)]
 
 from client import Client  # noqa: E402
 from client import upload  # noqa: E402
-from run import MiB  # noqa: E402
 from run import BenchServer  # noqa: E402
+from run import MiB  # noqa: E402
 from run import Variant  # noqa: E402
 from run import make_source  # noqa: E402
 

@@ -1,7 +1,7 @@
 """Throughput and cost of flask-bits against the limit of its own stack, in one run.
 
-    python bench/run.py                      # the full benchmark (~10 minutes)
-    python bench/run.py --smoke --reps 1     # tiny sizes, a few seconds
+    python bench/run.py                      # the full benchmark (8-15 minutes)
+    python bench/run.py --smoke --reps 1     # tiny sizes, ~10 seconds
     python bench/run.py --only w1,w3 --reps 5 --out results.md
     python bench/run.py --patched /tmp/fb-patched   # adds B' (a patched flask_bits copy)
     python bench/run.py --variants A,A-flask,B --only w2
@@ -12,10 +12,12 @@ CPU 1; the client is pinned to CPU 0):
 * ``A``        bench/baseline_app.py: stream the body to a file at the offset, answer 200;
 * ``A-fsync``  the same, fsync before answering (the disk's own cost of durability);
 * ``A-flask``  the same inside a one-route Flask app (what Flask itself costs);
-* ``B-wsgi``   flask-bits through ``BITSMiddleware`` in front of a bare WSGI app (no Flask);
 * ``B``        flask-bits, the example app, plain ``/bits`` directory;
 * ``B-fsync``  the same with ``BITS_FSYNC=true``;
-* ``B'``, ``B'-fsync``  with ``--patched DIR``: flask_bits imported from ``DIR`` instead.
+* ``B-wsgi``   flask-bits through ``BITSMiddleware`` in front of a bare WSGI app (no Flask);
+* ``B'``, ``B'-fsync``, ``B'-wsgi``  with ``--patched DIR``: flask_bits imported from DIR.
+
+Default: A, B, B-fsync (plus B', B'-fsync per --patched).
 
 Workloads (see bench/README.md): w1 1 GiB in 8 MiB fragments (MB/s); w2 256 MiB in 64 KiB
 fragments (fragments/s); w3 32 concurrent sessions x 32 MiB in 1 MiB fragments (aggregate
@@ -130,8 +132,9 @@ def machine_lines(tmp: str, pinned: bool) -> list[str]:
     import gunicorn
 
     try:
-        import flask_bits  # noqa: F401
         from importlib.metadata import version
+
+        import flask_bits  # noqa: F401
         fb = version("flask-bits")
     except Exception:  # pragma: no cover - informational only
         fb = "?"
@@ -538,7 +541,7 @@ class Bench:
         times: dict[str, list[float]] = {row: [] for row, _ in stores}
         clients = {row: Client(srv.port) for row, srv in stores}
         try:
-            for row, srv in stores:  # warm up (keep-alive connection, code paths)
+            for row, _srv in stores:  # warm up (keep-alive connection, code paths)
                 for i in range(s.w5_warmup):
                     _round_trip(clients[row], f"{v.prefix}/w5-warm-{rep}-{i}")
             batches = max(1, s.w5_round_trips // s.w5_batch)
