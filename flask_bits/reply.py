@@ -565,7 +565,9 @@ def _base_url(request: Request, configured: str | None) -> str:
     the client used for this request (the host-id host in a farm, 8.10)."""
     if configured:
         return configured.rstrip("/")
-    return request.host_url.rstrip("/") + request.root_path
+    from .server import request_url
+
+    return request_url(request, host_only=True).rstrip("/") + request.root_path
 
 
 def _local_base(request: Request) -> str | None:

@@ -222,10 +222,6 @@ class BITSServer:
                 raise InvalidRequest("The BITS-Packet-Type header is missing.")
             raise InvalidRequest("Unknown BITS-Packet-Type.")
         check_header_sizes(request.headers.items())
-        try:
-            request.url  # noqa: B018 - werkzeug validates the Host header's port here
-        except ValueError:
-            raise InvalidRequest("The Host header is malformed.") from None
         if "chunked" in request.headers.get("Transfer-Encoding", "").lower():
             raise InvalidRequest("Chunked request bodies are not allowed; send Content-Length.")
         content_length = parse_content_length(request.headers.get("Content-Length"))
@@ -262,7 +258,7 @@ class BITSServer:
             id=new_session_id(),
             directory=self.name,
             remote_path=packet.remote_path,
-            url=packet.request.url,
+            url=request_url(packet.request),
             owner=packet.owner,
             protocol=protocol,
             created=now,
@@ -514,6 +510,15 @@ def _replay(state: SessionState) -> Ack:
         ack.error = BITSError(error["message"], status=ack.status, hresult=error["hresult"],
                               context=error["context"])
     return ack
+
+
+def request_url(request: Request, *, host_only: bool = False) -> str:
+    """The request's absolute URL (or ``scheme://host/``); a malformed ``Host`` header
+    (werkzeug refuses e.g. a port over 65535) is the client's mistake: 400."""
+    try:
+        return request.host_url if host_only else request.url
+    except ValueError:
+        raise InvalidRequest("The Host header is malformed.") from None
 
 
 def _content_name(request: Request) -> str | None:
