@@ -98,7 +98,7 @@ def cleanup_command() -> None:
 def cancel_command(session_id: str) -> None:
     """Cancel one session, as a Cancel-Session from its client would."""
     for server in _by_folder():
-        if server.store.remove_by_id(session_id, kind="cancelled"):
+        if server.cancel(session_id):
             click.echo(f"cancelled {session_id}")
             return
     raise click.ClickException(f"no open session {session_id}")

@@ -155,7 +155,7 @@ def make_dashboard_blueprint(
             return _json_error("Not a session id.", 400)
         for server in _servers_by_folder():
             try:
-                removed = server.store.remove_by_id(sid, kind="cancelled")
+                removed = server.cancel(sid)
             except BITSError as exc:
                 return _json_error(f"Could not cancel now ({exc.message}); try again.", 409)
             if removed:

@@ -188,7 +188,7 @@ class ReplyManager:
                 self._fail(session, timeout_error())
                 return self._report_failure(session)
             if not self._forward_dead(state):
-                return PendingReply(state.id, fwd["token"], started_here=False)
+                return PendingReply(state.id, fwd["token"])
         if status == FAILED and not fwd.get("reported"):
             # The failure happened after the client stopped waiting: report it once
             # (PROTOCOL.md 8.7/8.8); the next retry posts the file again.
@@ -248,7 +248,7 @@ class ReplyManager:
             daemon=True,
         )
         thread.start()
-        return PendingReply(state.id, token, started_here=True)
+        return PendingReply(state.id, token)
 
     def _forward_dead(self, state: SessionState) -> bool:
         """True when the worker that ran the pending forward is gone (its lock is free)."""
@@ -507,7 +507,6 @@ class PendingReply:
 
     session_id: str
     token: str
-    started_here: bool
 
 
 @dataclass

@@ -438,6 +438,15 @@ class BITSServer:
             return
         threading.Thread(target=self.cleanup, name="flask-bits-cleanup", daemon=True).start()
 
+    def cancel(self, session_id: str) -> bool:
+        """Cancel a session of this session folder whatever its owner, as an operator
+        (``flask bits cancel``, the live view); True if there was one to cancel."""
+        sid = canonical_session_id(session_id)
+        if sid is None or not self.store.remove_by_id(sid, kind="cancelled"):
+            return False
+        self.on_event("session-cancelled", session_id=sid)
+        return True
+
     def cleanup(self) -> list[tuple[str, str]]:
         """Remove expired sessions and tombstones now; returns what was removed."""
         try:

@@ -148,3 +148,13 @@ def test_signal_names_of_the_module() -> None:
     for name, signal in ALL.items():
         assert signals.BY_EVENT[name] is signal
         assert signal.name == name
+
+
+def test_an_operator_cancel_signals_like_a_client_cancel(
+    app: Flask, client: FlaskClient, recorder: Recorder
+) -> None:
+    sid = create_session(client, PATH)
+    result = app.test_cli_runner().invoke(args=["bits", "cancel", sid])
+    assert result.exit_code == 0, result.output
+    assert recorder.names() == ["session-created", "session-cancelled"]
+    assert_event(recorder.events[-1], "session-cancelled", session_id=sid)
