@@ -19,11 +19,14 @@ from werkzeug.wrappers import Request
 from werkzeug.wrappers import Response
 
 from .config import DirectoryConfig
+from .constants import ACK
 from .constants import BITS_POST
+from .constants import Header
 from .constants import PacketType
 from .server import Authorizer
 from .server import BITSServer
 from .server import Identifier
+from .server import echoed_session_id
 
 F = t.TypeVar("F", bound=t.Callable[..., t.Any])
 
@@ -185,19 +188,13 @@ def _server_for_path(app: Flask, path: str) -> BITSServer | None:
 def _ack_everything(response: Response) -> Response:
     """After every request: a ``BITS_POST`` under a BITS prefix always gets an Ack,
     even when a ``before_request`` hook, routing or an error handler answered it."""
-    if request.method != BITS_POST:
-        return response
+    if request.method != BITS_POST or response.headers.get(Header.PACKET_TYPE) == ACK:
+        return response  # not BITS, or the BITS view answered it already
     server = _server_for_path(current_app._get_current_object(), request.path)  # type: ignore[attr-defined]
     if server is None:
         return response
-    sid = None
-    if PacketType.parse(request.headers.get("BITS-Packet-Type")) in (
-        PacketType.FRAGMENT, PacketType.CLOSE_SESSION, PacketType.CANCEL_SESSION
-    ):
-        from .protocol import canonical_session_id
-
-        sid = canonical_session_id(request.headers.get("BITS-Session-Id"))
-    return server.as_ack(response, sid)
+    packet_type = PacketType.parse(request.headers.get(Header.PACKET_TYPE))
+    return server.as_ack(response, echoed_session_id(request, packet_type))
 
 
 def _signal_sender(app_ref: weakref.ref[Flask], directory: str) -> t.Callable[..., None]:

@@ -70,7 +70,4 @@ class BITSMiddleware:
         if request.method != BITS_POST or server is None:
             return self.app(environ, start_response)
         remote = request.path[len(server.config.url_prefix) + 1 :]
-        response = server.handle(request, remote)
-        if response.headers.get("BITS-Packet-Type") != "Ack":
-            response = server.as_ack(response)
-        return response(environ, start_response)
+        return server.handle(request, remote)(environ, start_response)  # always an Ack

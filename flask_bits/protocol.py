@@ -29,10 +29,6 @@ MAX_PROTOCOLS = 100
 MAX_TOTAL = 2**63 - 1
 
 
-class HeaderSource(t.Protocol):
-    def get(self, key: str, /) -> str | None: ...
-
-
 @dataclass(frozen=True, slots=True)
 class ContentRange:
     """An inclusive byte range ``first..last`` of a file of ``total`` bytes.

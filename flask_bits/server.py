@@ -19,6 +19,7 @@ from werkzeug.wrappers import Response
 
 from . import paths
 from .config import DirectoryConfig
+from .constants import ACK
 from .constants import Header
 from .constants import PacketType
 from .errors import AccessDenied
@@ -138,9 +139,8 @@ class BITSServer:
         """Answer one ``BITS_POST`` request for ``remote_path`` (relative to the prefix)."""
         started = time.monotonic()
         packet_name = request.headers.get(Header.PACKET_TYPE, "-")[:32]
-        sid = None
-        if PacketType.parse(packet_name) in _SESSION_PACKETS:
-            sid = canonical_session_id(request.headers.get(Header.SESSION_ID))
+        parsed = PacketType.parse(packet_name)
+        sid = echoed_session_id(request, parsed)
         try:
             result = self._dispatch(request, remote_path)
         except BITSError as exc:
@@ -151,7 +151,6 @@ class BITSServer:
         if isinstance(result, Response):  # e.g. a 401 challenge from the authorize hook
             result = self._ack_for(result, sid)
         self._log(result, packet_name, request, started)
-        parsed = PacketType.parse(packet_name)
         self.on_event("packet-handled", packet_type=parsed.value if parsed else "unknown",
                       status=result.status, bytes=request.content_length or 0,
                       duration=time.monotonic() - started)
@@ -172,7 +171,7 @@ class BITSServer:
     def as_ack(self, response: Response, session_id: str | None = None) -> Response:
         """Turn any response to a ``BITS_POST`` (an auth challenge, a werkzeug error page)
         into an Ack with the same status: no body, error headers, challenges kept."""
-        if response.headers.get(Header.PACKET_TYPE) == "Ack":
+        if response.headers.get(Header.PACKET_TYPE) == ACK:
             return response
         return self.ack_response(self._ack_for(response, session_id))
 
@@ -519,6 +518,13 @@ def _replay(state: SessionState) -> Ack:
         ack.error = BITSError(error["message"], status=ack.status, hresult=error["hresult"],
                               context=error["context"])
     return ack
+
+
+def echoed_session_id(request: Request, packet_type: PacketType | None) -> str | None:
+    """The session id an error Ack echoes: only for session packets, canonical (7.0)."""
+    if packet_type not in _SESSION_PACKETS:
+        return None
+    return canonical_session_id(request.headers.get(Header.SESSION_ID))
 
 
 def request_url(request: Request, *, host_only: bool = False) -> str:
