@@ -150,7 +150,7 @@ class BITSServer:
             result = self.error_ack(InternalError(), sid)
         if isinstance(result, Response):  # e.g. a 401 challenge from the authorize hook
             result = self._ack_for(result, sid)
-        self._log(result, packet_name, request, started)
+        self._log(result, parsed.value if parsed else packet_name, request, started)
         self.on_event("packet-handled", packet_type=parsed.value if parsed else "unknown",
                       status=result.status, bytes=request.content_length or 0,
                       duration=time.monotonic() - started)
@@ -191,14 +191,16 @@ class BITSServer:
         return ack
 
     def _log(self, ack: Ack, packet: str, request: Request, started: float) -> None:
+        error = ack.error
+        level = logging.INFO if error is None or error.client_fault else logging.WARNING
+        if not log.isEnabledFor(level):
+            return
         ms = (time.monotonic() - started) * 1000
         size = request.content_length or 0
-        error = ack.error
         if error is None:
             log.info("%s session=%s status=%d bytes=%d %.1fms", _printable(packet),
                      ack.session_id or "-", ack.status, size, ms)
         else:
-            level = logging.INFO if error.client_fault else logging.WARNING
             log.log(level, "%s session=%s status=%d hresult=0x%08X bytes=%d %.1fms: %s",
                     _printable(packet), ack.session_id or "-", ack.status,
                     error.hresult & 0xFFFFFFFF, size, ms, error.message)

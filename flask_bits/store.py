@@ -95,8 +95,13 @@ class SessionState:
 
     @classmethod
     def from_json(cls, data: dict[str, t.Any]) -> SessionState:
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
+        """The state from its decoded ``state.json``; unknown keys are ignored."""
+        if data.keys() <= _STATE_FIELDS:
+            return cls(**data)
+        return cls(**{k: v for k, v in data.items() if k in _STATE_FIELDS})
+
+
+_STATE_FIELDS = frozenset(f.name for f in fields(SessionState))
 
 
 @dataclass(frozen=True, slots=True)
@@ -498,27 +503,27 @@ class Session:
         fsynced when configured) before returning, so the caller may acknowledge it.
         """
         size = min(CHUNK_SIZE, max(count, skip, 1))
-        buf = bytearray(size)
-        view = memoryview(buf)
         readinto = getattr(stream, "readinto", None)
+        # With readinto (werkzeug's streams), one bounded buffer is reused. Without it
+        # (gunicorn's body), each read hands out a new bytes object anyway: write that
+        # as it is instead of copying it into a buffer first.
+        buf = memoryview(bytearray(size if readinto is not None else 0))
 
-        def read(n: int) -> int:
-            # 0 means the body ended early; a stalled read (BITS_READ_TIMEOUT) raises
+        def read(n: int) -> memoryview | bytes:
+            # Empty means the body ended early; a stalled read (BITS_READ_TIMEOUT) raises
             # BodyTimeout. Either way the caller keeps what was stored before.
             try:
                 if readinto is not None:
-                    return readinto(view[:n]) or 0
-                data = stream.read(n)
+                    return buf[: readinto(buf[:n]) or 0]
+                return stream.read(n)
             except TimeoutError:
                 raise BodyTimeout() from None
             except (OSError, ValueError):
-                return 0  # the client went away
-            view[: len(data)] = data
-            return len(data)
+                return b""  # the client went away
 
         while skip:
-            got = read(min(skip, size))
-            if got <= 0:
+            got = len(read(min(skip, size)))
+            if not got:
                 return 0
             skip -= got
         written = 0
@@ -531,16 +536,16 @@ class Session:
         try:
             while written < count:
                 try:
-                    got = read(min(count - written, size))
+                    chunk = read(min(count - written, size))
                 except BodyTimeout:
                     self.timed_out = True
                     break
-                if got <= 0:
+                if not chunk:
                     break
-                pos = 0
-                while pos < got:
-                    pos += os.pwrite(fd, view[pos:got], offset + written + pos)
-                written += got
+                pos = os.pwrite(fd, chunk, offset + written)
+                while pos < len(chunk):  # a short write (rare): write the rest
+                    pos += os.pwrite(fd, memoryview(chunk)[pos:], offset + written + pos)
+                written += len(chunk)
             if self.store.fsync:
                 os.fsync(fd)
         except OSError as exc:

@@ -22,6 +22,8 @@ from flask import Flask
 
 from flask_bits.errors import SessionBusy
 from flask_bits.locking import SessionLocker
+from flask_bits.locking import acquire_detached
+from flask_bits.locking import lock_file
 from flask_bits.protocol import new_session_id
 from flask_bits.store import SessionGone
 from flask_bits.store import SessionState
@@ -244,3 +246,122 @@ def test_stale_opener_of_an_unlinked_lock_file_finds_no_session(tmp_path: Path) 
     finally:
         os.close(stale_fd)
     assert session_leftovers(folder, state.id) == []
+
+
+def test_lock_file_contends_with_filelock_filelock(tmp_path: Path) -> None:
+    """Our descriptor locks and :class:`filelock.FileLock` exclude each other both ways
+    (the same ``flock`` primitive), so tools built on filelock can join in."""
+    import filelock
+
+    path = str(tmp_path / "x.lock")
+    theirs = filelock.FileLock(path, timeout=0, is_singleton=False)
+    with theirs:
+        assert lock_file(path, 0) is None
+    fd = lock_file(path, 0)
+    assert fd is not None
+    try:
+        with pytest.raises(filelock.Timeout):
+            theirs.acquire()
+    finally:
+        os.close(fd)
+    with theirs:  # free again once the descriptor is closed
+        pass
+
+
+def test_lock_file_gives_up_after_the_wait(tmp_path: Path) -> None:
+    path = str(tmp_path / "x.lock")
+    fd = lock_file(path, 0)
+    assert fd is not None
+    try:
+        started = time.monotonic()
+        assert lock_file(path, 0.2) is None
+        waited = time.monotonic() - started
+        assert 0.2 <= waited < 5
+    finally:
+        os.close(fd)
+
+
+def test_lock_file_waits_for_a_release_from_another_thread(tmp_path: Path) -> None:
+    """A waiter gets the lock once the holder releases it, and a detached lock may be
+    released from a thread other than the one that took it."""
+    locker = SessionLocker(str(tmp_path / "locks"), timeout=5)
+    detached = acquire_detached(locker, "s")
+    with pytest.raises(SessionBusy):
+        acquire_detached(locker, "s")
+    waiting = threading.Event()
+    got: list[float] = []
+
+    def wait_for_it() -> None:
+        waiting.set()
+        with locker.hold("s"):
+            got.append(time.monotonic())
+
+    thread = threading.Thread(target=wait_for_it)
+    thread.start()
+    assert waiting.wait(DEADLINE)
+    released = time.monotonic()
+    threading.Thread(target=detached.release).start()
+    thread.join(DEADLINE)
+    assert not thread.is_alive() and len(got) == 1 and got[0] >= released
+
+
+def test_lock_won_on_an_unlinked_file_is_retaken_on_the_current_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """If the holder unlinks the lock file between our open and our lock, we lock the
+    file now at the path, which a third party may hold: never two holders at once."""
+    import filelock
+
+    from flask_bits import locking
+
+    path = str(tmp_path / "x.lock")
+    real_lock = filelock.lock_descriptor
+    calls: list[int] = []
+    third: list[int] = []
+
+    def unlink_first(fd: int, *, blocking: bool = True) -> bool:
+        calls.append(fd)
+        if len(calls) == 1:  # the "holder" unlinks it just as we win the old inode
+            os.unlink(path)
+            newcomer = os.open(path, os.O_RDWR | os.O_CREAT)
+            assert real_lock(newcomer, blocking=False)
+            third.append(newcomer)
+        return real_lock(fd, blocking=blocking)
+
+    monkeypatch.setattr(locking.filelock, "lock_descriptor", unlink_first)
+    os.close(os.open(path, os.O_RDWR | os.O_CREAT))
+    try:
+        assert lock_file(path, 0) is None  # the newcomer holds the current file
+        assert len(calls) == 2
+    finally:
+        os.close(third[0])
+    fd = lock_file(path, 0)
+    assert fd is not None
+    os.close(fd)
+
+
+def test_a_filesystem_without_flock_answers_500_and_logs(
+    client: t.Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """No silent fallback to marker files: a lock that cannot be taken is a server error
+    with a log line, and the session is still there once locking works again."""
+    import errno
+
+    from flask_bits import locking
+    from tests.conftest import create_session
+    from tests.conftest import send_fragment
+
+    session_id = create_session(client)
+
+    def no_flock(fd: int, *, blocking: bool = True) -> bool:
+        raise OSError(errno.ENOSYS, "flock is not supported")
+
+    monkeypatch.setattr(locking.filelock, "lock_descriptor", no_flock)
+    response = send_fragment(client, "/bits/file.bin", session_id, b"abc", 0, 3)
+    assert response.status_code == 500
+    assert response.headers["BITS-Packet-Type"] == "Ack"
+    assert any(r.levelname in ("WARNING", "ERROR") for r in caplog.records)
+    monkeypatch.undo()
+    response = send_fragment(client, "/bits/file.bin", session_id, b"abc", 0, 3)
+    assert_ack(response, 200)
+    assert response.headers["BITS-Received-Content-Range"] == "3"
