@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import typing as t
 
+from werkzeug.http import HTTP_STATUS_CODES
 from werkzeug.wrappers import Request
 
 from .config import DirectoryConfig
@@ -70,4 +71,7 @@ class BITSMiddleware:
         if request.method != BITS_POST or server is None:
             return self.app(environ, start_response)
         remote = request.path[len(server.config.url_prefix) + 1 :]
-        return server.handle(request, remote)(environ, start_response)  # always an Ack
+        ack = server.answer(request, remote)  # always an Ack, never a body
+        start_response(f"{ack.status} {HTTP_STATUS_CODES.get(ack.status, 'Unknown')}",
+                       server.ack_headers(ack))
+        return [b""]

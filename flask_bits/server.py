@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
+import struct
+import sys
 import threading
 import time
 import typing as t
@@ -137,6 +140,11 @@ class BITSServer:
 
     def handle(self, request: Request, remote_path: str) -> Response:
         """Answer one ``BITS_POST`` request for ``remote_path`` (relative to the prefix)."""
+        return self.ack_response(self.answer(request, remote_path))
+
+    def answer(self, request: Request, remote_path: str) -> Ack:
+        """Like :meth:`handle`, but return the :class:`Ack` itself (see
+        :meth:`ack_headers`), for glue that answers without a werkzeug response."""
         started = time.monotonic()
         packet_name = request.headers.get(Header.PACKET_TYPE, "-")[:32]
         parsed = PacketType.parse(packet_name)
@@ -154,19 +162,19 @@ class BITSServer:
         self.on_event("packet-handled", packet_type=parsed.value if parsed else "unknown",
                       status=result.status, bytes=request.content_length or 0,
                       duration=time.monotonic() - started)
-        return self.ack_response(result)
+        return result
 
     def error_ack(self, error: BITSError, session_id: str | None) -> Ack:
         """The Ack for ``error``; the session id is echoed only for session packets."""
         return Ack.for_error(error, session_id)
 
+    def ack_headers(self, ack: Ack) -> list[tuple[str, str]]:
+        """The response headers of ``ack`` under this directory's settings."""
+        return ack.to_headers(send_bits_error=self.config.send_bits_error)
+
     def ack_response(self, ack: Ack) -> Response:
         """Turn an :class:`Ack` into a bodiless werkzeug response."""
-        return AckResponse(
-            b"",
-            status=ack.status,
-            headers=ack.to_headers(send_bits_error=self.config.send_bits_error),
-        )
+        return AckResponse(b"", status=ack.status, headers=self.ack_headers(ack))
 
     def as_ack(self, response: Response, session_id: str | None = None) -> Response:
         """Turn any response to a ``BITS_POST`` (an auth challenge, a werkzeug error page)
@@ -469,29 +477,55 @@ class BITSServer:
 
 class _read_timeout:
     """Bound each body read on the server's socket (``BITS_READ_TIMEOUT``): gunicorn and
-    werkzeug's server expose it; other servers must enforce their own read timeout."""
+    werkzeug's server expose it; other servers must enforce their own read timeout.
+
+    A plain blocking socket (gunicorn's) gets the kernel's ``SO_RCVTIMEO``, so that each
+    ``recv`` stays one system call; a Python-level timeout would add a ``poll`` and a GIL
+    round trip before every read. A stalled read then fails with ``EAGAIN``
+    (:class:`BlockingIOError`), which :meth:`Session.write` treats like a timeout.
+    """
 
     def __init__(self, request: Request, seconds: float | None) -> None:
         environ = request.environ
         sock = environ.get("gunicorn.socket") or environ.get("werkzeug.socket")
         self.sock = sock if seconds else None
-        self.seconds = seconds
+        self.seconds = seconds or 0.0
         self.old: float | None = None
+        self.kernel = False
 
     def __enter__(self) -> None:
-        if self.sock is not None:
-            try:
-                self.old = self.sock.gettimeout()
-                self.sock.settimeout(self.seconds)
-            except OSError:
-                self.sock = None
+        sock = self.sock
+        if sock is None:
+            return
+        try:
+            self.old = sock.gettimeout()
+            if self.old is None and _KERNEL_TIMEOUT and type(sock) is socket.socket:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(self.seconds))
+                self.kernel = True
+            else:
+                sock.settimeout(self.seconds)
+        except OSError:
+            self.sock = None
 
     def __exit__(self, *exc: t.Any) -> None:
         if self.sock is not None:
             try:
-                self.sock.settimeout(self.old)
+                if self.kernel:
+                    self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(0))
+                else:
+                    self.sock.settimeout(self.old)
             except OSError:
                 pass
+
+
+#: ``SO_RCVTIMEO`` takes a ``struct timeval`` of two native longs on Linux.
+_KERNEL_TIMEOUT = sys.platform.startswith("linux")
+
+
+def _timeval(seconds: float) -> bytes:
+    """``seconds`` as a timeval; 0 means no timeout, so a positive value stays >= 1 µs."""
+    micros = max(1, round(seconds * 1_000_000)) if seconds > 0 else 0
+    return struct.pack("@ll", *divmod(micros, 1_000_000))
 
 
 _HTTP_ERRORS: dict[int, type[BITSError]] = {

@@ -516,7 +516,7 @@ class Session:
                 if readinto is not None:
                     return buf[: readinto(buf[:n]) or 0]
                 return stream.read(n)
-            except TimeoutError:
+            except (TimeoutError, BlockingIOError):  # BlockingIOError: SO_RCVTIMEO
                 raise BodyTimeout() from None
             except (OSError, ValueError):
                 return b""  # the client went away

@@ -470,3 +470,41 @@ def test_log_lines_carry_no_paths_or_data(make: t.Callable[..., t.Any],
                    app.config["BITS_UPLOAD_FOLDER"], app.config["BITS_SESSION_FOLDER"]):
         assert secret not in text
 
+
+
+def test_read_timeout_on_a_blocking_socket_is_the_kernels_and_is_undone() -> None:
+    """gunicorn's blocking sockets get SO_RCVTIMEO (no poll per read); a stalled read
+    fails with EAGAIN, and the socket is left as it was found."""
+    import socket
+    import struct
+
+    from werkzeug.wrappers import Request
+
+    from flask_bits.server import _read_timeout
+    from flask_bits.server import _timeval
+
+    assert _timeval(0) == struct.pack("@ll", 0, 0)
+    assert _timeval(1e-9) == struct.pack("@ll", 0, 1)  # never "no timeout" by rounding
+    assert _timeval(2.5) == struct.pack("@ll", 2, 500_000)
+    ours, peer = socket.socketpair()
+    try:
+        request = Request({"gunicorn.socket": ours})
+        size = len(_timeval(0))
+        with _read_timeout(request, 0.05):
+            assert ours.getsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, size) != _timeval(0)
+            assert ours.gettimeout() is None  # Python-level blocking mode untouched
+            started = time.monotonic()
+            with pytest.raises(BlockingIOError):
+                ours.recv(10)
+            assert time.monotonic() - started < 5
+            peer.sendall(b"abc")
+            assert ours.recv(10) == b"abc"
+        assert ours.getsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, size) == _timeval(0)
+        assert ours.gettimeout() is None
+        ours.settimeout(7.0)  # a socket with its own timeout keeps the Python mechanism
+        with _read_timeout(request, 0.05):
+            assert ours.gettimeout() == 0.05
+        assert ours.gettimeout() == 7.0
+    finally:
+        ours.close()
+        peer.close()
