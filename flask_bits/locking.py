@@ -71,10 +71,11 @@ class SessionLocker:
         #: Called with the seconds each acquisition waited (for metrics).
         self.on_wait: t.Callable[[float], None] | None = None
         os.makedirs(folder, exist_ok=True)
+        self._prefix = os.path.join(folder, "")
 
     def path(self, name: str) -> str:
         """The lock file for ``name`` (a canonical session id or a fixed name)."""
-        return os.path.join(self.folder, name + ".lock")
+        return self._prefix + name + ".lock"
 
     @contextmanager
     def hold(self, name: str, *, timeout: float | None = None) -> t.Iterator[LockHandle]:

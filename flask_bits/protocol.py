@@ -160,6 +160,24 @@ def check_header_sizes(items: t.Iterable[tuple[str, str]]) -> None:
 
 
 _CONTROL_RE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+_LONG_ENVIRON_KEYS = frozenset({"HTTP_AUTHORIZATION", "HTTP_PROXY_AUTHORIZATION", "HTTP_COOKIE"})
+
+
+def check_environ_header_sizes(environ: t.Mapping[str, t.Any]) -> None:
+    """:func:`check_header_sizes` for the request headers of a WSGI ``environ``, read
+    straight from it (the per-packet path; werkzeug's header view costs more).
+
+    :raises InvalidRequest: a value is too long or contains a control character.
+    """
+    for key, value in environ.items():
+        if not (key.startswith("HTTP_") or key in ("CONTENT_TYPE", "CONTENT_LENGTH")):
+            continue
+        if not isinstance(value, str):
+            continue
+        limit = MAX_CREDENTIAL_VALUE if key in _LONG_ENVIRON_KEYS else MAX_HEADER_VALUE
+        if len(value) > limit or _CONTROL_RE.search(value):
+            name = key[5:] if key.startswith("HTTP_") else key
+            check_header_sizes([(name.replace("_", "-").title(), value)])  # raises
 
 
 def _safe_name(name: str) -> str:

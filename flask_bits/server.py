@@ -39,7 +39,7 @@ from .errors import UploadTooLarge
 from .protocol import Ack
 from .protocol import ContentRange
 from .protocol import canonical_session_id
-from .protocol import check_header_sizes
+from .protocol import check_environ_header_sizes
 from .protocol import negotiate_protocol
 from .protocol import new_session_id
 from .protocol import parse_content_length
@@ -73,6 +73,12 @@ class ClientGone(InvalidRequest):
     """The request body ended before ``Content-Length`` bytes arrived."""
 
     default_message = "The request body ended early; the bytes stored so far were kept."
+
+
+#: The WSGI environ keys of the BITS headers read on every packet. The hot path reads
+#: request headers straight from the environ: what ``request.headers`` does, in fewer steps.
+_ENV_PACKET_TYPE = "HTTP_BITS_PACKET_TYPE"
+_ENV_SESSION_ID = "HTTP_BITS_SESSION_ID"
 
 
 class AckResponse(Response):
@@ -146,8 +152,13 @@ class BITSServer:
         """Like :meth:`handle`, but return the :class:`Ack` itself (see
         :meth:`ack_headers`), for glue that answers without a werkzeug response."""
         started = time.monotonic()
-        packet_name = request.headers.get(Header.PACKET_TYPE, "-")[:32]
+        environ = request.environ
+        packet_name = environ.get(_ENV_PACKET_TYPE, "-")[:32]
         parsed = PacketType.parse(packet_name)
+        try:  # for the log line and the event; _dispatch refuses a malformed value
+            size = parse_content_length(environ.get("CONTENT_LENGTH")) or 0
+        except InvalidRequest:
+            size = 0
         sid = echoed_session_id(request, parsed)
         try:
             result = self._dispatch(request, remote_path)
@@ -158,10 +169,9 @@ class BITSServer:
             result = self.error_ack(InternalError(), sid)
         if isinstance(result, Response):  # e.g. a 401 challenge from the authorize hook
             result = self._ack_for(result, sid)
-        self._log(result, parsed.value if parsed else packet_name, request, started)
+        self._log(result, parsed.value if parsed else packet_name, size, started)
         self.on_event("packet-handled", packet_type=parsed.value if parsed else "unknown",
-                      status=result.status, bytes=request.content_length or 0,
-                      duration=time.monotonic() - started)
+                      status=result.status, bytes=size, duration=time.monotonic() - started)
         return result
 
     def error_ack(self, error: BITSError, session_id: str | None) -> Ack:
@@ -198,13 +208,12 @@ class BITSServer:
         response.close()
         return ack
 
-    def _log(self, ack: Ack, packet: str, request: Request, started: float) -> None:
+    def _log(self, ack: Ack, packet: str, size: int, started: float) -> None:
         error = ack.error
         level = logging.INFO if error is None or error.client_fault else logging.WARNING
         if not log.isEnabledFor(level):
             return
         ms = (time.monotonic() - started) * 1000
-        size = request.content_length or 0
         if error is None:
             log.info("%s session=%s status=%d bytes=%d %.1fms", _printable(packet),
                      ack.session_id or "-", ack.status, size, ms)
@@ -214,7 +223,8 @@ class BITSServer:
                     error.hresult & 0xFFFFFFFF, size, ms, error.message)
 
     def _dispatch(self, request: Request, remote_path: str) -> Ack | Response:
-        raw_type = request.headers.get(Header.PACKET_TYPE)
+        environ = request.environ
+        raw_type = environ.get(_ENV_PACKET_TYPE)
         packet_type = PacketType.parse(raw_type)
         # PROTOCOL.md 6: authentication first (a 401 even for Ping, A35), then 501, then
         # the packet type, then the message rules.
@@ -230,10 +240,10 @@ class BITSServer:
             if raw_type is None:
                 raise InvalidRequest("The BITS-Packet-Type header is missing.")
             raise InvalidRequest("Unknown BITS-Packet-Type.")
-        check_header_sizes(request.headers.items())
-        if "chunked" in request.headers.get("Transfer-Encoding", "").lower():
+        check_environ_header_sizes(environ)
+        if "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower():
             raise InvalidRequest("Chunked request bodies are not allowed; send Content-Length.")
-        content_length = parse_content_length(request.headers.get("Content-Length"))
+        content_length = parse_content_length(environ.get("CONTENT_LENGTH"))
         if content_length is None:
             raise InvalidRequest("The Content-Length header is missing.")
         if packet_type is not PacketType.FRAGMENT and content_length != 0:
@@ -246,7 +256,7 @@ class BITSServer:
             remote_path=remote_path,
             content_length=content_length,
             owner=self.identify(request),
-            session_id=request.headers.get(Header.SESSION_ID),
+            session_id=environ.get(_ENV_SESSION_ID),
         )
         return self._handlers[packet_type](packet)
 
@@ -315,8 +325,9 @@ class BITSServer:
 
     def _fragment_locked(self, packet: _Packet, session: Session) -> t.Any:
         cfg, state, request = self.config, session.state, packet.request
-        rng = parse_content_range(request.headers.get("Content-Range"), packet.content_length)
-        encoding = request.headers.get("Content-Encoding")
+        environ = request.environ
+        rng = parse_content_range(environ.get("HTTP_CONTENT_RANGE"), packet.content_length)
+        encoding = environ.get("HTTP_CONTENT_ENCODING")
         if encoding is not None and encoding.strip().lower() not in ("", "identity"):
             raise InvalidRequest("Only the identity Content-Encoding is supported.")
         if rng.length > cfg.max_fragment_size:
@@ -560,7 +571,7 @@ def echoed_session_id(request: Request, packet_type: PacketType | None) -> str |
     """The session id an error Ack echoes: only for session packets, canonical (7.0)."""
     if packet_type not in _SESSION_PACKETS:
         return None
-    return canonical_session_id(request.headers.get(Header.SESSION_ID))
+    return canonical_session_id(request.environ.get(_ENV_SESSION_ID))
 
 
 def request_url(request: Request, *, host_only: bool = False) -> str:
@@ -573,7 +584,7 @@ def request_url(request: Request, *, host_only: bool = False) -> str:
 
 
 def _content_name(request: Request) -> str | None:
-    value = request.headers.get("Content-Name")
+    value = request.environ.get("HTTP_CONTENT_NAME")
     return value[:260] if value else None
 
 

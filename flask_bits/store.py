@@ -116,6 +116,21 @@ class Tombstone:
     remote_path: str | None = None
 
 
+def _read_small_file(path: str) -> bytes:
+    """The whole of a small file (a state or a tombstone), without a file object."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        data = os.read(fd, 65536)
+        if len(data) == 65536:  # an unusually large state: read the rest
+            chunks = [data]
+            while chunk := os.read(fd, 65536):
+                chunks.append(chunk)
+            data = b"".join(chunks)
+    finally:
+        os.close(fd)
+    return data
+
+
 def io_error(exc: OSError, what: str) -> BITSError:
     """Map an ``OSError`` to the error Ack for it (PROTOCOL.md 7.3 step 8)."""
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -139,17 +154,23 @@ class SessionStore:
         for sub in ("sessions", "staging", "tombstones", "owners", "trash"):
             os.makedirs(os.path.join(self.folder, sub), exist_ok=True)
         self.locker = SessionLocker(os.path.join(self.folder, "locks"), timeout=lock_timeout)
+        # Session ids are canonical ({GUID}) before they reach a path: plain concatenation
+        # is safe, and cheaper than os.path.join on every packet.
+        self._sessions = os.path.join(self.folder, "sessions") + os.sep
 
     # -- paths -------------------------------------------------------------------
 
     def session_dir(self, session_id: str) -> str:
-        return os.path.join(self.folder, "sessions", session_id)
+        return self._sessions + session_id
 
     def data_path(self, session_id: str) -> str:
-        return os.path.join(self.folder, "sessions", session_id, "data.part")
+        return self._sessions + session_id + os.sep + "data.part"
 
     def reply_dir(self, session_id: str) -> str:
-        return os.path.join(self.folder, "sessions", session_id, "reply")
+        return self._sessions + session_id + os.sep + "reply"
+
+    def _state_path(self, session_id: str) -> str:
+        return self._sessions + session_id + os.sep + "state.json"
 
     def _tombstone_path(self, session_id: str) -> str:
         return os.path.join(self.folder, "tombstones", session_id + ".json")
@@ -302,8 +323,7 @@ class SessionStore:
 
     def _read_state(self, sid: str) -> SessionState | None:
         try:
-            with open(os.path.join(self.session_dir(sid), "state.json"), "rb") as f:
-                state = SessionState.from_json(json.load(f))
+            state = SessionState.from_json(json.loads(_read_small_file(self._state_path(sid))))
         except FileNotFoundError:
             return None
         except (ValueError, TypeError) as exc:

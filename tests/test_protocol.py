@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import re
+import typing as t
 
 import pytest
+from hypothesis import given
+from hypothesis import settings
+from hypothesis import strategies as st
+from werkzeug.datastructures import EnvironHeaders
 
 from flask_bits import errors
 from flask_bits.constants import UPLOAD_PROTOCOL_GUID
@@ -19,6 +24,7 @@ from flask_bits.protocol import MAX_PROTOCOLS
 from flask_bits.protocol import Ack
 from flask_bits.protocol import ContentRange
 from flask_bits.protocol import canonical_session_id
+from flask_bits.protocol import check_environ_header_sizes
 from flask_bits.protocol import check_header_sizes
 from flask_bits.protocol import negotiate_protocol
 from flask_bits.protocol import new_session_id
@@ -281,6 +287,39 @@ def test_credentials_may_exceed_4_kb_but_not_64_kb(name: str) -> None:
     check_header_sizes([(name, "Negotiate " + "x" * 12000)])
     with pytest.raises(InvalidRequest):
         check_header_sizes([(name, "x" * (64 * 1024 + 1))])
+
+
+@given(
+    st.dictionaries(
+        st.sampled_from(["HTTP_AUTHORIZATION", "HTTP_COOKIE", "HTTP_X_TEST", "HTTP_HOST",
+                         "CONTENT_LENGTH", "CONTENT_TYPE", "PATH_INFO", "SERVER_NAME"]),
+        st.one_of(
+            st.text(alphabet="ab\t\x00\n\x7f", max_size=8),
+            st.integers(4090, 4100).map(lambda n: "x" * n),
+            st.integers(65530, 65540).map(lambda n: "x" * n),
+        ),
+    )
+)
+@settings(max_examples=300, derandomize=True, deadline=None)
+def test_environ_header_check_agrees_with_the_header_list_check(environ: dict[str, str]) -> None:
+    """The per-packet check reads the environ directly; it must refuse exactly what the
+    check over werkzeug's header view refuses, with the same message."""
+    headers = EnvironHeaders({**environ, "wsgi.input": None})
+
+    def outcome(check: t.Callable[[], None]) -> str | None:
+        try:
+            check()
+        except InvalidRequest as exc:
+            return exc.message
+        return None
+
+    # Each offending header's own message (the two may meet them in another order).
+    refusals = {
+        outcome(lambda item=item: check_header_sizes([item])) for item in headers.items()
+    } - {None}
+    got = outcome(lambda: check_environ_header_sizes(environ))
+    assert (got is None) == (not refusals)
+    assert got is None or got in refusals
 
 
 # -- packet types (T10, A6) -------------------------------------------------------------
