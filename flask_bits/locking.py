@@ -77,68 +77,67 @@ class SessionLocker:
         """The lock file for ``name`` (a canonical session id or a fixed name)."""
         return self._prefix + name + ".lock"
 
-    @contextmanager
-    def hold(self, name: str, *, timeout: float | None = None) -> t.Iterator[LockHandle]:
-        """Hold the lock for ``name``; raise :class:`SessionBusy` after ``timeout``."""
-        handle = LockHandle(self.path(name))
+    def acquire(self, name: str, *, timeout: float | None = None) -> LockHandle:
+        """Take the lock for ``name``; the caller must :meth:`LockHandle.release` it.
+
+        :raises SessionBusy: not free within ``timeout`` (default: the locker's).
+        """
+        path = self.path(name)
         started = time.monotonic()
         try:
-            fd = lock_file(handle.path, self.timeout if timeout is None else timeout)
+            fd = lock_file(path, self.timeout if timeout is None else timeout)
         finally:
             if self.on_wait is not None:
                 self.on_wait(time.monotonic() - started)
         if fd is None:
             raise SessionBusy()
+        return LockHandle(path, fd)
+
+    @contextmanager
+    def hold(self, name: str, *, timeout: float | None = None) -> t.Iterator[LockHandle]:
+        """Hold the lock for ``name``; raise :class:`SessionBusy` after ``timeout``."""
+        lock = self.acquire(name, timeout=timeout)
         try:
-            yield handle
+            yield lock
         finally:
-            try:
-                if handle.discard:
-                    try:
-                        os.unlink(handle.path)
-                    except FileNotFoundError:
-                        pass
-            finally:
-                os.close(fd)  # releases the lock
+            lock.release()
 
 
 class LockHandle:
-    """A held lock; set :attr:`discard` to unlink the lock file just before release."""
+    """A held lock. It belongs to its descriptor, not to a thread: any thread may
+    release it (a detached forward does). Set :attr:`discard` to unlink the lock file
+    just before release, only once the session is gone for good."""
 
-    __slots__ = ("path", "discard")
+    __slots__ = ("path", "discard", "_fd")
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, fd: int) -> None:
         self.path = path
+        self._fd = fd
         #: Unlink the lock file on release (only when the session is gone for good).
         self.discard = False
 
-
-class DetachedLock:
-    """A lock taken in one thread and released in another (a detached forward)."""
-
-    def __init__(self, fd: int, path: str) -> None:
-        self._fd = fd
-        self.path = path
-
-    def release(self, *, discard: bool = False) -> None:
-        """Release; ``discard`` unlinks the lock file first (see the module docstring)."""
+    def release(self, *, discard: bool | None = None) -> None:
+        """Release the lock (once); ``discard`` overrides :attr:`discard`."""
+        fd, self._fd = self._fd, -1
+        if fd < 0:
+            return
         try:
-            if discard:
+            if self.discard if discard is None else discard:
                 try:
                     os.unlink(self.path)
                 except FileNotFoundError:
                     pass
         finally:
-            os.close(self._fd)  # releases the lock
+            os.close(fd)  # releases the lock
 
 
-def acquire_detached(locker: SessionLocker, name: str) -> DetachedLock:
+#: A lock taken in one thread and released in another (a detached forward).
+DetachedLock = LockHandle
+
+
+def acquire_detached(locker: SessionLocker, name: str) -> LockHandle:
     """Take ``name``'s lock without waiting, releasable from any thread.
 
     :raises SessionBusy: somebody holds it.
     """
-    path = locker.path(name)
-    fd = lock_file(path, 0)
-    if fd is None:
-        raise SessionBusy()
-    return DetachedLock(fd, path)
+    return locker.acquire(name, timeout=0)

@@ -122,6 +122,9 @@ def negotiate_protocol(value: str | None) -> str:
     raise InvalidRequest("None of the offered protocols is supported by this server.")
 
 
+_DIGITS_RE = re.compile(r"[0-9]{1,19}", re.ASCII)
+
+
 def parse_content_length(value: str | None) -> int | None:
     """Parse ``Content-Length``: plain ASCII digits, or ``None`` when absent.
 
@@ -130,7 +133,7 @@ def parse_content_length(value: str | None) -> int | None:
     if value is None:
         return None
     text = value.strip(" \t")
-    if not re.fullmatch(r"[0-9]{1,19}", text, re.ASCII):
+    if not _DIGITS_RE.fullmatch(text):
         raise InvalidRequest("Content-Length must be a decimal number.")
     return int(text)
 
@@ -160,24 +163,26 @@ def check_header_sizes(items: t.Iterable[tuple[str, str]]) -> None:
 
 
 _CONTROL_RE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
-_LONG_ENVIRON_KEYS = frozenset({"HTTP_AUTHORIZATION", "HTTP_PROXY_AUTHORIZATION", "HTTP_COOKIE"})
-
-
 def check_environ_header_sizes(environ: t.Mapping[str, t.Any]) -> None:
     """:func:`check_header_sizes` for the request headers of a WSGI ``environ``, read
     straight from it (the per-packet path; werkzeug's header view costs more).
 
     :raises InvalidRequest: a value is too long or contains a control character.
     """
-    for key, value in environ.items():
-        if not (key.startswith("HTTP_") or key in ("CONTENT_TYPE", "CONTENT_LENGTH")):
-            continue
-        if not isinstance(value, str):
-            continue
-        limit = MAX_CREDENTIAL_VALUE if key in _LONG_ENVIRON_KEYS else MAX_HEADER_VALUE
-        if len(value) > limit or _CONTROL_RE.search(value):
-            name = key[5:] if key.startswith("HTTP_") else key
-            check_header_sizes([(name.replace("_", "-").title(), value)])  # raises
+    values = [
+        v for k, v in environ.items()
+        if (k[:5] == "HTTP_" or k in _CONTENT_KEYS) and isinstance(v, str)
+    ]
+    # One scan of all values for the common case (tabs are allowed, so they join them);
+    # only a suspect request is checked header by header, for an exact message.
+    if _CONTROL_RE.search("\t".join(values)) or max(map(len, values), default=0) > MAX_HEADER_VALUE:
+        for key, value in environ.items():
+            if (key[:5] == "HTTP_" or key in _CONTENT_KEYS) and isinstance(value, str):
+                name = key[5:] if key[:5] == "HTTP_" else key
+                check_header_sizes([(name.replace("_", "-").title(), value)])
+
+
+_CONTENT_KEYS = frozenset({"CONTENT_TYPE", "CONTENT_LENGTH"})
 
 
 def _safe_name(name: str) -> str:

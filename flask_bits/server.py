@@ -159,16 +159,15 @@ class BITSServer:
             size = parse_content_length(environ.get("CONTENT_LENGTH")) or 0
         except InvalidRequest:
             size = 0
-        sid = echoed_session_id(request, parsed)
         try:
             result = self._dispatch(request, remote_path)
         except BITSError as exc:
-            result = self.error_ack(exc, sid)
+            result = self.error_ack(exc, echoed_session_id(request, parsed))
         except Exception:
             log.exception("Unexpected error handling %s", _printable(packet_name))
-            result = self.error_ack(InternalError(), sid)
+            result = self.error_ack(InternalError(), echoed_session_id(request, parsed))
         if isinstance(result, Response):  # e.g. a 401 challenge from the authorize hook
-            result = self._ack_for(result, sid)
+            result = self._ack_for(result, echoed_session_id(request, parsed))
         self._log(result, parsed.value if parsed else packet_name, size, started)
         self.on_event("packet-handled", packet_type=parsed.value if parsed else "unknown",
                       status=result.status, bytes=size, duration=time.monotonic() - started)

@@ -19,7 +19,6 @@ does not hold.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import hashlib
 import json
@@ -279,16 +278,16 @@ class SessionStore:
                 remote_path is None or remote_path == state.remote_path
             )
 
-        with contextlib.ExitStack() as stack:
-            try:
-                lock = stack.enter_context(self.locker.hold(sid, timeout=0))
-            except SessionBusy:
-                # Busy: someone else's session must not answer "busy" (an existence
-                # oracle, and a way to tie up workers), so check before waiting.
-                peeked = self._read_state(sid)
-                if peeked is not None and not visible(peeked):
-                    raise SessionNotFound() from None
-                lock = stack.enter_context(self.locker.hold(sid))
+        try:
+            lock = self.locker.acquire(sid, timeout=0)
+        except SessionBusy:
+            # Busy: someone else's session must not answer "busy" (an existence
+            # oracle, and a way to tie up workers), so check before waiting.
+            peeked = self._read_state(sid)
+            if peeked is not None and not visible(peeked):
+                raise SessionNotFound() from None
+            lock = self.locker.acquire(sid)
+        try:
             state = self._read_state(sid)
             if state is None:
                 lock.discard = True
@@ -297,6 +296,8 @@ class SessionStore:
             if not visible(state):
                 raise SessionNotFound()
             yield Session(self, state, lock)
+        finally:
+            lock.release()
 
     @contextmanager
     def lock_existing(self, session_id: str) -> t.Iterator[Session | None]:
