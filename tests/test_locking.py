@@ -365,3 +365,17 @@ def test_a_filesystem_without_flock_answers_500_and_logs(
     response = send_fragment(client, "/bits/file.bin", session_id, b"abc", 0, 3)
     assert_ack(response, 200)
     assert response.headers["BITS-Received-Content-Range"] == "3"
+
+
+def test_a_lock_is_released_once_and_discard_unlinks_its_file(tmp_path: Path) -> None:
+    locker = SessionLocker(str(tmp_path / "locks"), timeout=1)
+    lock = locker.acquire("s")
+    assert os.path.exists(lock.path)
+    lock.release()
+    lock.release()  # a second release is a no-op, not a close of someone else's fd
+    again = locker.acquire("s", timeout=0)  # free again
+    again.release(discard=True)
+    assert not os.path.exists(again.path)
+    with locker.hold("s") as held:
+        held.discard = True
+    assert not os.path.exists(held.path)
