@@ -116,7 +116,7 @@ class Tombstone:
 
 
 def _read_small_file(path: str) -> bytes:
-    """The whole of a small file (a state or a tombstone), without a file object."""
+    """The whole of a small file (a session's state), read without a file object."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         data = os.read(fd, 65536)
