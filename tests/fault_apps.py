@@ -52,6 +52,9 @@ import typing as t
 import urllib.parse
 from pathlib import Path
 
+from helpers import sha256_file as sha256_file
+from helpers import wait_until as wait_until
+
 MiB = 1 << 20
 #: Longest time a blocked hook waits for its block file to go away.
 BLOCK_MAX = 60.0
@@ -218,20 +221,6 @@ def clear_trigger(fault_dir: Path, name: str) -> None:
         (fault_dir / name).unlink()
 
 
-def wait_until(
-    predicate: t.Callable[[], t.Any], timeout: float, what: str, interval: float = 0.01
-) -> t.Any:
-    """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
-
-
 def wait_reached(fault_dir: Path, point: str, timeout: float = 30.0) -> int:
     """Wait until a worker is blocked at ``point``; return its pid (and forget the marker)."""
     path = fault_dir / ("reached-" + point)
@@ -251,14 +240,6 @@ def make_random_file(path: Path, size: int, chunk: int = MiB) -> str:
             digest.update(data)
             f.write(data)
             left -= len(data)
-    return digest.hexdigest()
-
-
-def sha256_file(path: Path | str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(MiB), b""):
-            digest.update(block)
     return digest.hexdigest()
 
 

@@ -19,14 +19,13 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
-import time
 import typing as t
 from pathlib import Path
 
 from tests.servers import free_port
+from tests.servers import wait_for_port
 
 #: flask_bits' default ``BITS_MAX_FRAGMENT_SIZE`` (16 MiB).
 DEFAULT_MAX_FRAGMENT = 16 * 1024 * 1024
@@ -41,24 +40,6 @@ def nginx_binary() -> str | None:
         if os.access(candidate, os.X_OK):
             return candidate
     return None
-
-
-def wait_for_address(
-    host: str,
-    port: int,
-    *,
-    timeout: float = 15.0,
-    proc: subprocess.Popen[t.Any] | None = None,
-) -> None:
-    """Wait until something accepts connections on ``host:port`` (bounded)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"process exited early with code {proc.returncode}")
-        with contextlib.suppress(OSError), socket.create_connection((host, port), 0.2):
-            return
-        time.sleep(0.05)
-    raise TimeoutError(f"nothing listens on {host}:{port} after {timeout}s")
 
 
 class NginxServer:
@@ -220,7 +201,7 @@ http {{
             start_new_session=True,
         )
         try:
-            wait_for_address(self.host, self.port, proc=self.proc)
+            wait_for_port(self.port, host=self.host, timeout=15, proc=self.proc)
         except BaseException as exc:
             log = self.read_error_log()
             self.stop()

@@ -30,16 +30,23 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_for_port(port: int, *, timeout: float = 30.0, proc: subprocess.Popen[t.Any] | None = None) -> None:
-    """Wait until something accepts connections on 127.0.0.1:``port``."""
+def wait_for_port(
+    port: int,
+    *,
+    host: str = "127.0.0.1",
+    timeout: float = 30.0,
+    proc: subprocess.Popen[t.Any] | None = None,
+) -> None:
+    """Wait (bounded) until something accepts connections on ``host:port``; fail early
+    if ``proc`` exits meanwhile."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"server exited early with code {proc.returncode}")
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            raise RuntimeError(f"process exited early with code {proc.returncode}")
+        with contextlib.suppress(OSError), socket.create_connection((host, port), 0.2):
             return
         time.sleep(0.05)
-    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
+    raise TimeoutError(f"nothing listens on {host}:{port} after {timeout}s")
 
 
 class GunicornServer:
@@ -68,6 +75,8 @@ class GunicornServer:
     ) -> None:
         self.app = app
         self.port = port or free_port()
+        #: The address start() waits on (a subclass may bind another 127.0.0.0/8 one).
+        self.host = "127.0.0.1"
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {**os.environ, **MALLOC_ENV, **(env or {})}
         self.env["PYTHONPATH"] = os.pathsep.join(
@@ -98,7 +107,7 @@ class GunicornServer:
             start_new_session=True,
         )
         try:
-            wait_for_port(self.port, proc=self.proc)
+            wait_for_port(self.port, host=self.host, proc=self.proc)
         except BaseException:
             self.stop()
             raise

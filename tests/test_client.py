@@ -29,6 +29,7 @@ from pathlib import Path
 
 import pytest
 import wire
+from helpers import sha256_file
 from servers import ROOT
 from servers import GunicornServer
 
@@ -63,14 +64,6 @@ def make_file(path: Path, size: int, seed: int = 0) -> str:
             digest.update(chunk)
             left -= len(chunk)
             n += 1
-    return digest.hexdigest()
-
-
-def sha256_file(path: Path | str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(MiB), b""):
-            digest.update(chunk)
     return digest.hexdigest()
 
 

@@ -80,11 +80,7 @@ def crashy(tmp_path_factory: pytest.TempPathFactory) -> t.Iterator[Crashy]:
 def next_offset(base_url: str, path: str, sid: str, src: Path, total: int) -> int:
     """Ask the server for N without sending data it lacks: the file's last byte as a
     fragment, which is beyond N unless only that byte is missing (then it completes)."""
-    conn = wire.connect(base_url, timeout=60)
-    try:
-        reply = wire.fragment(conn, path, sid, read_range(src, total - 1, 1), total - 1, total)
-    finally:
-        conn.close()
+    reply = wire.fragment(base_url, path, sid, read_range(src, total - 1, 1), total - 1, total)
     assert is_ack(reply) and reply.status in (200, 416), reply
     return received(reply)
 
@@ -113,27 +109,15 @@ def send_from(
 def send_one(
     base_url: str, path: str, sid: str, src: Path, first: int, last: int, total: int
 ) -> wire.Reply:
-    conn = wire.connect(base_url, timeout=60)
-    try:
-        return wire.fragment(conn, path, sid, read_range(src, first, last - first), first, total)
-    finally:
-        conn.close()
+    return wire.fragment(base_url, path, sid, read_range(src, first, last - first), first, total)
 
 
 def new_session(base_url: str, path: str) -> str:
-    conn = wire.connect(base_url, timeout=60)
-    try:
-        return wire.create_session(conn, path)
-    finally:
-        conn.close()
+    return wire.create_session(base_url, path)
 
 
 def close(base_url: str, path: str, sid: str) -> None:
-    conn = wire.connect(base_url, timeout=60)
-    try:
-        reply = wire.bits_post(conn, path, "Close-Session", session_id=sid)
-    finally:
-        conn.close()
+    reply = wire.bits_post(base_url, path, "Close-Session", session_id=sid)
     assert reply.status == 200 and is_ack(reply), reply
 
 

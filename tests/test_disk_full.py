@@ -99,19 +99,11 @@ def faulty(tmp_path_factory: pytest.TempPathFactory) -> t.Iterator[Faulty]:
 def fragment_at(
     base_url: str, path: str, sid: str, src: Path, first: int, length: int, total: int
 ) -> wire.Reply:
-    conn = wire.connect(base_url, timeout=60)
-    try:
-        return wire.fragment(conn, path, sid, read_range(src, first, length), first, total)
-    finally:
-        conn.close()
+    return wire.fragment(base_url, path, sid, read_range(src, first, length), first, total)
 
 
 def packet(base_url: str, path: str, kind: str, sid: str | None = None) -> wire.Reply:
-    conn = wire.connect(base_url, timeout=60)
-    try:
-        return wire.bits_post(conn, path, kind, session_id=sid)
-    finally:
-        conn.close()
+    return wire.bits_post(base_url, path, kind, session_id=sid)
 
 
 def upload_until_error(

@@ -39,9 +39,9 @@ import pytest
 from tests.farm_client import BG_E_SESSION_NOT_FOUND
 from tests.farm_client import BITSUploader
 from tests.farm_client import UploadResult
+from tests.helpers import sha256_file
 from tests.nginx import NginxServer
 from tests.nginx import nginx_binary
-from tests.nginx import wait_for_address
 from tests.servers import ROOT
 from tests.servers import GunicornServer
 from tests.servers import free_port
@@ -78,22 +78,6 @@ class FarmNode(GunicornServer):
         self.address = f"{host}:{self.port}"
         self.url = f"http://{self.address}"
         self.args[self.args.index("-b") + 1] = self.address
-
-    def start(self) -> FarmNode:
-        # GunicornServer.start waits on 127.0.0.1 only; this node may be on 127.0.0.x.
-        if self.log_path is not None:
-            self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(
-            self.args, cwd=str(ROOT), env=self.env,
-            stdout=self._log or subprocess.DEVNULL, stderr=self._log or subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        try:
-            wait_for_address(self.host, self.port, timeout=30, proc=self.proc)
-        except BaseException:
-            self.stop()
-            raise
-        return self
 
     def kill(self) -> None:
         """SIGKILL the master and every worker (its process group), as a crash would."""
@@ -164,14 +148,6 @@ def make_files(prefix: str, count: int, size: int, seed: int) -> dict[str, bytes
         f"{prefix}-{i:02d}.bin": rng.randbytes(size - rng.randrange(0, FRAGMENT))
         for i in range(count)
     }
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(MIB), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def run_uploads(

@@ -30,6 +30,7 @@ import pytest
 import wire
 from flask import Flask
 from flask.testing import FlaskClient
+from helpers import wait_until
 from reply_apps import Action
 from reply_apps import AppServer
 from reply_apps import parse_reply_url
@@ -614,7 +615,7 @@ def test_late_failure_is_reported_once_then_retried(
         assert "BITS-Reply-URL" not in first.headers
     finally:
         gate.set()
-    poll(lambda: _forward_status(session_folder, sid) == "failed", 10, "the late failure")
+    wait_until(lambda: _forward_status(session_folder, sid) == "failed", 10, "the late failure")
     retry = fragment(client, "/bits/late.bin", sid, DATA[-1:], len(DATA) - 1, len(DATA))
     assert_ack(retry, 500, BG_E_HTTP_500, context=CTX_APP)
     assert retry.headers["BITS-Received-Content-Range"] == str(len(DATA))
@@ -665,7 +666,7 @@ def test_cancel_detaches_in_process_handler(
                 recreated.append(True)
             return not session_leftovers(session_folder, sid)
 
-        poll(settled, 10, "the detached forward to end")
+        wait_until(settled, 10, "the detached forward to end")
     assert not recreated
     assert forwarded == []
     assert not (upload_folder / "detached.bin").exists()
@@ -725,11 +726,7 @@ def fetch(url: str, *, method: str = "GET", headers: t.Mapping[str, str] | None 
 
 
 def packet(base: str, path: str, packet_type: str, sid: str) -> wire.Reply:
-    conn = wire.connect(base, timeout=60)
-    try:
-        return wire.bits_post(conn, path, packet_type, session_id=sid)
-    finally:
-        conn.close()
+    return wire.bits_post(base, path, packet_type, session_id=sid)
 
 
 def begin(base: str, path: str, data: bytes = UPLOAD) -> str:
@@ -748,11 +745,7 @@ def begin(base: str, path: str, data: bytes = UPLOAD) -> str:
 
 def final(base: str, path: str, sid: str, data: bytes = UPLOAD) -> wire.Reply:
     """Send the completing fragment once."""
-    conn = wire.connect(base, timeout=60)
-    try:
-        return wire.fragment(conn, path, sid, data[-LAST:], len(data) - LAST, len(data))
-    finally:
-        conn.close()
+    return wire.fragment(base, path, sid, data[-LAST:], len(data) - LAST, len(data))
 
 
 def is_pending(reply: wire.Reply) -> bool:
@@ -793,17 +786,6 @@ def assert_replied(reply: wire.Reply, sid: str, base: str, total: int = TOTAL) -
     assert url is not None, reply
     assert url.startswith(f"{base}/"), url
     return url
-
-
-def poll(predicate: t.Callable[[], t.Any], timeout: float, what: str) -> t.Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.02)
 
 
 def reply_token(session_folder: Path, sid: str) -> str:
@@ -859,7 +841,7 @@ def _gunicorn(folder: Path, workers: int, **env: t.Any) -> t.Iterator[Bits]:
     environment = bits_env(folder, **env)
     with GunicornServer(env=environment, workers=workers, extra_args=FAST_STOP,
                         log_path=folder / "gunicorn.log") as server:
-        poll(lambda: len(server.worker_pids()) == workers, 20, "all gunicorn workers")
+        wait_until(lambda: len(server.worker_pids()) == workers, 20, "all gunicorn workers")
         yield Bits(server, folder, environment)
 
 
@@ -1212,7 +1194,7 @@ def test_cancel_detaches_pending_forward(gun2: Bits, app_server: AppServer) -> N
             recreated.append(True)
         return not session_leftovers(gun2.sessions, sid)
 
-    poll(settled, 15, f"no leftovers of {sid}")
+    wait_until(settled, 15, f"no leftovers of {sid}")
     assert not recreated, "a detached forward re-created the session folder"
     assert not session_dir.exists()
     assert fetch(reply_url_for(gun2.url, sid, token))[0] == 404
@@ -1244,7 +1226,7 @@ def kill_all_workers(bits: Bits, workers: int = 2) -> None:
         pids = bits.server.worker_pids()
         return len(pids) == workers and not set(pids) & set(old)
 
-    poll(respawned, 30, "gunicorn to replace every worker")
+    wait_until(respawned, 30, "gunicorn to replace every worker")
 
 
 @pytest.mark.integration

@@ -7,7 +7,6 @@ upload with :mod:`flask_bits.client`, and stop the process with SIGTERM.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import shlex
 import signal
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import wire
+from helpers import sha256_file
 from servers import ROOT
 from servers import GunicornServer
 from servers import free_port
@@ -83,10 +83,6 @@ def flask_bits_serve(tmp_path: Path, *args: str,
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=10)
                 raise
-
-
-def sha256_file(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 @pytest.mark.integration

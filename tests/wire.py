@@ -6,6 +6,7 @@ tests can send exactly the packets they mean, including broken ones.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import typing as t
 import urllib.parse
@@ -28,8 +29,12 @@ def connect(base_url: str, timeout: float = 60.0) -> http.client.HTTPConnection:
     return http.client.HTTPConnection(parts.hostname, parts.port or 80, timeout=timeout)
 
 
+#: A keep-alive connection, or a base URL for a one-shot connection closed afterwards.
+Target = http.client.HTTPConnection | str
+
+
 def bits_post(
-    conn: http.client.HTTPConnection,
+    conn: Target,
     path: str,
     packet_type: str | None,
     *,
@@ -38,6 +43,10 @@ def bits_post(
     headers: t.Mapping[str, str] | None = None,
 ) -> Reply:
     """Send one ``BITS_POST`` and read the whole answer."""
+    if isinstance(conn, str):
+        with contextlib.closing(connect(conn)) as fresh:
+            return bits_post(fresh, path, packet_type, session_id=session_id, body=body,
+                             headers=headers)
     hdrs: dict[str, str] = {}
     if packet_type is not None:
         hdrs["BITS-Packet-Type"] = packet_type
@@ -55,7 +64,7 @@ def bits_post(
     return Reply(resp.status, {k.lower(): v for k, v in resp.getheaders()})
 
 
-def create_session(conn: http.client.HTTPConnection, path: str) -> str:
+def create_session(conn: Target, path: str) -> str:
     reply = bits_post(conn, path, "Create-Session")
     assert reply.status == 200, reply
     sid = reply.get("BITS-Session-Id")
@@ -63,9 +72,7 @@ def create_session(conn: http.client.HTTPConnection, path: str) -> str:
     return sid
 
 
-def fragment(
-    conn: http.client.HTTPConnection, path: str, sid: str, data: bytes, first: int, total: int
-) -> Reply:
+def fragment(conn: Target, path: str, sid: str, data: bytes, first: int, total: int) -> Reply:
     """Send bytes ``first .. first+len(data)-1`` of a ``total``-byte file."""
     rng = f"bytes {first}-{first + len(data) - 1}/{total}" if data else f"bytes 0--1/{total}"
     return bits_post(conn, path, "Fragment", session_id=sid, body=data,
