@@ -129,15 +129,3 @@ class LockHandle:
                     pass
         finally:
             os.close(fd)  # releases the lock
-
-
-#: A lock taken in one thread and released in another (a detached forward).
-DetachedLock = LockHandle
-
-
-def acquire_detached(locker: SessionLocker, name: str) -> LockHandle:
-    """Take ``name``'s lock without waiting, releasable from any thread.
-
-    :raises SessionBusy: somebody holds it.
-    """
-    return locker.acquire(name, timeout=0)

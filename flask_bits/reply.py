@@ -45,8 +45,7 @@ from .errors import ApplicationError
 from .errors import BITSError
 from .errors import InternalError
 from .errors import InvalidRequest
-from .locking import DetachedLock
-from .locking import acquire_detached
+from .locking import LockHandle
 from .protocol import Ack
 from .protocol import canonical_session_id
 from .store import FINISHED
@@ -223,7 +222,7 @@ class ReplyManager:
         }
         # The forward's liveness lock is taken here, before anyone can see the new
         # attempt, and released by the forward thread when it ends.
-        liveness = acquire_detached(self.server.store.locker, _lock_name(state.id, state.forward))
+        liveness = self.server.store.locker.acquire(_lock_name(state.id, state.forward), timeout=0)
         try:
             session.save()
         except BaseException:
@@ -298,7 +297,7 @@ class ReplyManager:
     # -- the detached forward ---------------------------------------------------------------
 
     def _run(
-        self, upload: Upload, fwd: dict[str, t.Any], liveness: DetachedLock,
+        self, upload: Upload, fwd: dict[str, t.Any], liveness: LockHandle,
         done: threading.Event,
     ) -> None:
         try:

@@ -22,7 +22,6 @@ from flask import Flask
 
 from flask_bits.errors import SessionBusy
 from flask_bits.locking import SessionLocker
-from flask_bits.locking import acquire_detached
 from flask_bits.locking import lock_file
 from flask_bits.protocol import new_session_id
 from flask_bits.store import SessionGone
@@ -285,9 +284,9 @@ def test_lock_file_waits_for_a_release_from_another_thread(tmp_path: Path) -> No
     """A waiter gets the lock once the holder releases it, and a detached lock may be
     released from a thread other than the one that took it."""
     locker = SessionLocker(str(tmp_path / "locks"), timeout=5)
-    detached = acquire_detached(locker, "s")
+    detached = locker.acquire("s", timeout=0)
     with pytest.raises(SessionBusy):
-        acquire_detached(locker, "s")
+        locker.acquire("s", timeout=0)
     waiting = threading.Event()
     got: list[float] = []
 
