@@ -26,6 +26,7 @@ DEFAULTS: dict[str, t.Any] = {
     "BITS_TOMBSTONE_TIMEOUT": 24 * 3600,
     "BITS_LOCK_TIMEOUT": 10.0,
     "BITS_FSYNC": False,
+    "BITS_DIRECT_INPUT": True,
     "BITS_SEND_BITS_ERROR": True,
     "BITS_SESSION_LIMIT": 50,
     "BITS_MAX_SESSIONS": None,
@@ -58,6 +59,7 @@ class DirectoryConfig:
     tombstone_timeout: float
     lock_timeout: float
     fsync: bool
+    direct_input: bool
     send_bits_error: bool
     session_limit: int | None
     max_sessions: int | None
@@ -122,6 +124,7 @@ class DirectoryConfig:
             tombstone_timeout=v.number("BITS_TOMBSTONE_TIMEOUT"),
             lock_timeout=v.number("BITS_LOCK_TIMEOUT"),
             fsync=v.boolean("BITS_FSYNC"),
+            direct_input=v.boolean("BITS_DIRECT_INPUT"),
             send_bits_error=v.boolean("BITS_SEND_BITS_ERROR"),
             session_limit=v.optional_integer("BITS_SESSION_LIMIT", minimum=1),
             max_sessions=v.optional_integer("BITS_MAX_SESSIONS", minimum=1),

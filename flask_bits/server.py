@@ -25,6 +25,7 @@ from .config import DirectoryConfig
 from .constants import ACK
 from .constants import Header
 from .constants import PacketType
+from .direct_input import direct_input
 from .errors import AccessDenied
 from .errors import BITSError
 from .errors import BodyTimeout
@@ -361,7 +362,8 @@ class BITSServer:
         state = session.state
         start = state.received
         count = rng.last + 1 - start
-        stream = packet.request.environ["wsgi.input"]
+        environ = packet.request.environ
+        stream = (self.config.direct_input and direct_input(environ)) or environ["wsgi.input"]
         with _read_timeout(packet.request, self.config.read_timeout):
             written = session.write(start, start - rng.first, count, stream)
         state.received = start + written

@@ -26,6 +26,7 @@ import logging
 import os
 import shutil
 import stat
+import threading
 import time
 import typing as t
 from contextlib import contextmanager
@@ -475,6 +476,18 @@ class SessionGone(Exception):
         self.tombstone = tombstone
 
 
+_local = threading.local()
+
+
+def _thread_buffer() -> memoryview:
+    """This thread's :data:`CHUNK_SIZE` buffer for streaming fragments (allocated once:
+    a fresh 1 MiB buffer per read would be mapped and faulted in anew each time)."""
+    buf: memoryview | None = getattr(_local, "buffer", None)
+    if buf is None:
+        buf = _local.buffer = memoryview(bytearray(CHUNK_SIZE))
+    return buf
+
+
 class Session:
     """A locked session. Methods change files; :meth:`save` persists the state."""
 
@@ -516,7 +529,7 @@ class Session:
         ):
             self.save()
 
-    def write(self, offset: int, skip: int, count: int, stream: t.IO[bytes]) -> int:
+    def write(self, offset: int, skip: int, count: int, stream: t.Any) -> int:
         """Stream ``skip`` bytes to nowhere, then ``count`` bytes into the file at ``offset``.
 
         Reads in bounded chunks. Returns how many bytes were written; fewer than
@@ -525,10 +538,10 @@ class Session:
         """
         size = min(CHUNK_SIZE, max(count, skip, 1))
         readinto = getattr(stream, "readinto", None)
-        # With readinto (werkzeug's streams), one bounded buffer is reused. Without it
-        # (gunicorn's body), each read hands out a new bytes object anyway: write that
-        # as it is instead of copying it into a buffer first.
-        buf = memoryview(bytearray(size if readinto is not None else 0))
+        # With readinto (werkzeug's streams, DirectInput), this thread's one bounded
+        # buffer is reused. Without it (gunicorn's own body), each read hands out a new
+        # bytes object anyway: write that as it is instead of copying it first.
+        buf = _thread_buffer() if readinto is not None else memoryview(b"")
 
         def read(n: int) -> memoryview | bytes:
             # Empty means the body ended early; a stalled read (BITS_READ_TIMEOUT) raises
@@ -536,7 +549,8 @@ class Session:
             try:
                 if readinto is not None:
                     return buf[: readinto(buf[:n]) or 0]
-                return stream.read(n)
+                data: bytes = stream.read(n)
+                return data
             except (TimeoutError, BlockingIOError):  # BlockingIOError: SO_RCVTIMEO
                 raise BodyTimeout() from None
             except (OSError, ValueError):
