@@ -9,6 +9,10 @@ its throughput is the ceiling flask-bits is measured against.
 Just enough BITS to be driven by the same client as flask-bits: a Create-Session gets a
 ``BITS-Session-Id``, a Fragment gets ``BITS-Received-Content-Range`` (the next offset).
 ``BASELINE_FSYNC=1`` fsyncs the file before answering a fragment (the A-fsync variant).
+``BASELINE_DIRECT=1`` (the A-direct variant) reads the body the way flask-bits does under
+gunicorn, straight from the socket into one reusable buffer (``flask_bits.direct_input``),
+instead of through gunicorn's ``wsgi.input``: the limit of the stack for a server that
+does that too.
 
     gunicorn -k gthread -w 2 --threads 4 --chdir bench 'baseline_app:app'
     gunicorn -k gthread -w 2 --threads 4 --chdir bench 'baseline_app:make_flask_app()'
@@ -17,12 +21,36 @@ Just enough BITS to be driven by the same client as flask-bits: a Create-Session
 from __future__ import annotations
 
 import os
+import threading
 import uuid
+
+from flask_bits.direct_input import direct_input
 
 FOLDER = os.environ.get("BASELINE_FOLDER", "/tmp")
 FSYNC = os.environ.get("BASELINE_FSYNC", "") in ("1", "true")
+DIRECT = os.environ.get("BASELINE_DIRECT", "") in ("1", "true")
 CHUNK = 1024 * 1024
 _FLAGS = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC
+_local = threading.local()
+
+
+def _chunks(environ, length):  # type: ignore[no-untyped-def]
+    """The body in pieces of at most CHUNK bytes, until it ends (or the client goes)."""
+    stream = environ["wsgi.input"]
+    direct = direct_input(environ) if DIRECT else None
+    if direct is None:
+        while length:
+            data = stream.read(min(length, CHUNK))
+            if not data:
+                return
+            length -= len(data)
+            yield data
+        return
+    buf = getattr(_local, "buf", None)
+    if buf is None:
+        buf = _local.buf = memoryview(bytearray(CHUNK))
+    while n := direct.readinto(buf):
+        yield buf[:n]
 
 
 def handle(environ):  # type: ignore[no-untyped-def]
@@ -38,20 +66,15 @@ def handle(environ):  # type: ignore[no-untyped-def]
         rng = environ.get("HTTP_CONTENT_RANGE", "")
         offset = int(rng.split()[1].split("-", 1)[0]) if rng else 0
         name = environ.get("PATH_INFO", "/upload").rsplit("/", 1)[-1] or "upload"
-        stream = environ["wsgi.input"]
         fd = os.open(os.path.join(FOLDER, name), _FLAGS, 0o644)
         try:
-            left, pos = length, offset
-            while left:
-                data = stream.read(min(left, CHUNK))
-                if not data:
-                    break
+            pos = offset
+            for data in _chunks(environ, length):
                 view = memoryview(data)
                 while view:
                     n = os.pwrite(fd, view, pos)
                     view = view[n:]
                     pos += n
-                left -= len(data)
             if FSYNC:
                 os.fsync(fd)
         finally:

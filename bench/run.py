@@ -12,12 +12,14 @@ CPU 1; the client is pinned to CPU 0):
 * ``A``        bench/baseline_app.py: stream the body to a file at the offset, answer 200;
 * ``A-fsync``  the same, fsync before answering (the disk's own cost of durability);
 * ``A-flask``  the same inside a one-route Flask app (what Flask itself costs);
+* ``A-direct`` A reading the body as flask-bits does under gunicorn: straight from the
+               socket into a reusable buffer, not through gunicorn's ``wsgi.input``;
 * ``B``        flask-bits, the example app, plain ``/bits`` directory;
 * ``B-fsync``  the same with ``BITS_FSYNC=true``;
 * ``B-wsgi``   flask-bits through ``BITSMiddleware`` in front of a bare WSGI app (no Flask);
 * ``B'``, ``B'-fsync``, ``B'-wsgi``  with ``--patched DIR``: flask_bits imported from DIR.
 
-Default: A, B, B-fsync (plus B', B'-fsync per --patched).
+Default: A, A-direct, B, B-fsync (plus B', B'-fsync per --patched).
 
 Workloads (see bench/README.md): w1 1 GiB in 8 MiB fragments (MB/s); w2 256 MiB in 64 KiB
 fragments (fragments/s); w3 32 concurrent sessions x 32 MiB in 1 MiB fragments (aggregate
@@ -165,6 +167,7 @@ class Variant:
     fsync: bool = False
     pythonpath: str | None = None  # a folder holding a patched flask_bits
     flask: bool = False  # A only: the baseline inside a one-route Flask app
+    direct: bool = False  # A only: body read from gunicorn's socket (flask_bits.direct_input)
     wsgi: bool = False  # B only: BITSMiddleware in front of a bare WSGI app, no Flask
 
     @property
@@ -185,7 +188,8 @@ class BenchServer(GunicornServer):
             self.upload_folder.mkdir(exist_ok=True)
             app = "baseline_app:make_flask_app()" if variant.flask else "baseline_app:app"
             env = {"BASELINE_FOLDER": str(self.upload_folder),
-                   "BASELINE_FSYNC": "1" if variant.fsync else "0"}
+                   "BASELINE_FSYNC": "1" if variant.fsync else "0",
+                   "BASELINE_DIRECT": "1" if variant.direct else "0"}
         else:
             self.upload_folder = folder / "uploads"
             self.session_folder = session_folder or folder / "sessions"
@@ -677,6 +681,10 @@ def table(bench: Bench, labels: dict[str, tuple[str, str, str]]) -> list[str]:
         plan.append(("A-flask", None))
         plan.append(("A-flask", "A"))
         plan.extend((n, "A-flask") for n in names if n.startswith("B") and not n.endswith("fsync"))
+    if "A-direct" in names:
+        plan.append(("A-direct", None))
+        plan.append(("A-direct", "A"))
+        plan.extend((n, "A-direct") for n in names if n.startswith("B") and not n.endswith("fsync"))
     if "A-fsync" in names:
         plan.append(("A-fsync", None))
         plan.extend((n, "A-fsync") for n in names if n.startswith("B") and n.endswith("fsync"))
@@ -742,8 +750,9 @@ def parse_args(argv: t.Sequence[str] | None) -> argparse.Namespace:
                    help="repetitions of w4 (peak memory is not timing noise; default 1)")
     p.add_argument("--only", default=",".join(WORKLOADS), help="workloads, e.g. w1,w3")
     p.add_argument("--variants", default=None,
-                   help="comma list of A, A-fsync, B, B-fsync and the --patched ones "
-                        "(default: A,B,B-fsync plus NAME,NAME-fsync per --patched)")
+                   help="comma list of A, A-fsync, A-flask, A-direct, B, B-fsync, B-wsgi and "
+                        "the --patched ones (default: A,A-direct,B,B-fsync plus "
+                        "NAME,NAME-fsync per --patched)")
     p.add_argument("--patched", action="append", default=[], metavar="[NAME=]DIR",
                    help="a folder holding a patched flask_bits package: adds variants NAME "
                         "and NAME-fsync (default name B'); may be repeated")
@@ -769,11 +778,12 @@ def build_variants(args: argparse.Namespace) -> list[Variant]:
         "A": Variant("A", "A"),
         "A-fsync": Variant("A-fsync", "A", fsync=True),
         "A-flask": Variant("A-flask", "A", flask=True),
+        "A-direct": Variant("A-direct", "A", direct=True),
         "B": Variant("B", "B"),
         "B-fsync": Variant("B-fsync", "B", fsync=True),
         "B-wsgi": Variant("B-wsgi", "B", wsgi=True),
     }
-    default = ["A", "B", "B-fsync"]
+    default = ["A", "A-direct", "B", "B-fsync"]
     for i, spec in enumerate(args.patched):
         name, sep, folder = spec.rpartition("=")
         if not sep:

@@ -46,24 +46,32 @@ class DirectInput:
         ``SO_RCVTIMEO``, ``TimeoutError`` under a Python timeout) and may return fewer
         bytes than asked for.
         """
+        n = 0
         if self._pos < len(self._prefix):
             n = min(len(buf), len(self._prefix) - self._pos)
             buf[:n] = self._prefix[self._pos : self._pos + n]
             self._pos += n
-            return n
         reader = self._reader
         left = reader.length
-        if left <= 0 or not len(buf):
-            return 0
+        if left <= 0 or n == len(buf):
+            return n
         try:
-            got = self._sock.recv_into(buf, min(len(buf), left))
+            if n:  # top up with what has already arrived, without waiting for more
+                got = self._sock.recv_into(buf[n:], min(len(buf) - n, left), socket.MSG_DONTWAIT)
+            else:
+                got = self._sock.recv_into(buf, min(len(buf), left))
+        except BlockingIOError:
+            if n:
+                return n  # nothing more yet: the next call waits for it
+            self._body.failed = True
+            raise
         except BaseException:
             self._body.failed = True  # where this body ends on the wire is now unknown
             raise
         if not got:
             self._body.failed = True  # the peer closed the connection mid-body
         reader.length = left - got
-        return got
+        return n + got
 
 
 def direct_input(environ: t.Mapping[str, t.Any]) -> DirectInput | None:

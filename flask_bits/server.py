@@ -54,6 +54,9 @@ from .store import SessionState
 from .store import SessionStore
 
 if t.TYPE_CHECKING:
+    from _typeshed.wsgi import WSGIEnvironment
+    from werkzeug.datastructures import Headers
+
     from .reply import ReplyManager
 
 log = logging.getLogger("flask_bits")
@@ -86,6 +89,11 @@ class AckResponse(Response):
     """A response that carries no body and no ``Content-Type`` (PROTOCOL.md T7)."""
 
     default_mimetype = None
+
+    def get_wsgi_headers(self, environ: WSGIEnvironment) -> Headers:
+        """The headers as they are: an Ack has no body, no ``Location`` and its own
+        ``Content-Length: 0``, so werkzeug's fix-ups (and their copy) have nothing to do."""
+        return self.headers
 
 
 def default_identity(request: Request) -> str | None:

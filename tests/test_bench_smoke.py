@@ -34,6 +34,7 @@ def test_bench_smoke(tmp_path: Path) -> None:
         pytest.fail(f"bench/run.py --smoke took too long:\n{stderr[-4000:]}")
     assert proc.returncode == 0, stderr[-4000:]
     assert "| workload | unit | A | B | B/A | B-fsync | B-fsync/A |" in stdout
+    assert "| A-direct | A-direct/A | B/A-direct |" in stdout
     for row in WORKLOAD_ROWS:
         assert row in stdout, f"no {row.strip()!r} row in:\n{stdout}"
     assert "CPU: " in stdout and "Temp dir: " in stdout
