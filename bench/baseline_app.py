@@ -10,7 +10,8 @@ Just enough BITS to be driven by the same client as flask-bits: a Create-Session
 ``BITS-Session-Id``, a Fragment gets ``BITS-Received-Content-Range`` (the next offset).
 ``BASELINE_FSYNC=1`` fsyncs the file before answering a fragment (the A-fsync variant).
 ``BASELINE_DIRECT=1`` (the A-direct variant) reads the body the way flask-bits does under
-gunicorn, straight from the socket into one reusable buffer (``flask_bits.direct_input``),
+gunicorn, straight from the socket into one reusable 256 KiB buffer per thread
+(``flask_bits.direct_input``, ``flask_bits.store.BUFFER_SIZE``),
 instead of through gunicorn's ``wsgi.input``: the limit of the stack for a server that
 does that too.
 
@@ -25,6 +26,7 @@ import threading
 import uuid
 
 from flask_bits.direct_input import direct_input
+from flask_bits.store import BUFFER_SIZE
 
 FOLDER = os.environ.get("BASELINE_FOLDER", "/tmp")
 FSYNC = os.environ.get("BASELINE_FSYNC", "") in ("1", "true")
@@ -48,7 +50,7 @@ def _chunks(environ, length):  # type: ignore[no-untyped-def]
         return
     buf = getattr(_local, "buf", None)
     if buf is None:
-        buf = _local.buf = memoryview(bytearray(CHUNK))
+        buf = _local.buf = memoryview(bytearray(BUFFER_SIZE))
     while n := direct.readinto(buf):
         yield buf[:n]
 

@@ -5,10 +5,10 @@ been through two ``BytesIO`` buffers and a slice on the way: for 1 MiB fragments
 more CPU than receiving the bytes and writing them to disk together. For a body of
 known length on a plain TCP socket, :func:`direct_input` returns a reader whose
 ``readinto`` first hands out what gunicorn already buffered (read ahead with the
-headers), then ``recv_into`` the caller's reusable buffer. It keeps gunicorn's own count
-of the body in step, so that after the response the connection is reused (or closed)
-exactly as if gunicorn had read the body itself; if a read fails or the peer goes away,
-gunicorn is told to close the connection.
+headers), then reads the rest with ``recv_into`` into the caller's reusable buffer. It
+keeps gunicorn's own count of the body in step, so that after the response the
+connection is reused (or closed) exactly as if gunicorn had read the body itself; if a
+read fails or the peer goes away, gunicorn is told to close the connection.
 
 This relies on the layout of ``gunicorn.http.body`` (``Body.buf``, ``Body.reader``,
 ``LengthReader.length``, ``Unreader.buf``, ``SocketUnreader.sock``, ``Body.failed``),

@@ -26,7 +26,6 @@ import logging
 import os
 import shutil
 import stat
-import threading
 import time
 import typing as t
 from contextlib import contextmanager
@@ -51,11 +50,22 @@ from .protocol import canonical_session_id
 
 log = logging.getLogger("flask_bits")
 
-#: Size of the buffer a fragment is streamed through (memory stays flat). 1 MiB is
-#: gunicorn's read-ahead (SocketUnreader.max_body_chunk): with smaller reads its
-#: Unreader copies what is left of its buffer again on every read. A body stalling
-#: mid-read (BITS_READ_TIMEOUT) loses at most this much; the client resends it.
+#: Size of the reads from a body without ``readinto`` (gunicorn's own ``wsgi.input``,
+#: when :mod:`flask_bits.direct_input` cannot be used). 1 MiB is gunicorn's read-ahead
+#: (SocketUnreader.max_body_chunk): with smaller reads its Unreader copies what is left
+#: of its buffer again on every read. A body stalling mid-read (BITS_READ_TIMEOUT) loses
+#: at most one read; the client resends it.
 CHUNK_SIZE = 1024 * 1024
+
+#: Size of the reusable buffers a fragment is read into where the body offers
+#: ``readinto`` (:mod:`flask_bits.direct_input` under gunicorn, werkzeug's streams).
+#: 256 KiB stays in the CPU's cache between the ``recv`` and the ``pwrite``; in the
+#: benchmark it beat 1 MiB on w3 and kept workers smaller (bench/README.md).
+BUFFER_SIZE = 256 * 1024
+
+#: How many spare buffers a process keeps for reuse (more are made while more
+#: fragments are in flight, and dropped afterwards).
+SPARE_BUFFERS = 8
 
 #: A fragment rewrites the state file only for this idle-timer precision (seconds), or
 #: a tenth of the session timeout when that is shorter.
@@ -476,16 +486,21 @@ class SessionGone(Exception):
         self.tombstone = tombstone
 
 
-_local = threading.local()
+_spare_buffers: list[memoryview] = []
 
 
-def _thread_buffer() -> memoryview:
-    """This thread's :data:`CHUNK_SIZE` buffer for streaming fragments (allocated once:
-    a fresh 1 MiB buffer per read would be mapped and faulted in anew each time)."""
-    buf: memoryview | None = getattr(_local, "buffer", None)
-    if buf is None:
-        buf = _local.buffer = memoryview(bytearray(CHUNK_SIZE))
-    return buf
+def _take_buffer() -> memoryview:
+    """A :data:`BUFFER_SIZE` buffer to stream one fragment through: a spare one if there
+    is one (a fresh buffer that large is mapped and faulted in anew every time)."""
+    try:
+        return _spare_buffers.pop()  # atomic: threads never get the same buffer
+    except IndexError:
+        return memoryview(bytearray(BUFFER_SIZE))
+
+
+def _give_back(buf: memoryview) -> None:
+    if len(buf) == BUFFER_SIZE and len(_spare_buffers) < SPARE_BUFFERS:
+        _spare_buffers.append(buf)
 
 
 class Session:
@@ -536,19 +551,31 @@ class Session:
         ``count`` means the body ended early (client gone). Data is flushed (and
         fsynced when configured) before returning, so the caller may acknowledge it.
         """
-        size = min(CHUNK_SIZE, max(count, skip, 1))
-        readinto = getattr(stream, "readinto", None)
-        # With readinto (werkzeug's streams, DirectInput), this thread's one bounded
-        # buffer is reused. Without it (gunicorn's own body), each read hands out a new
-        # bytes object anyway: write that as it is instead of copying it first.
-        buf = _thread_buffer() if readinto is not None else memoryview(b"")
+        if getattr(stream, "readinto", None) is None:
+            # gunicorn's own body hands out a new bytes object per read anyway: write
+            # that as it is instead of copying it into a buffer first.
+            return self._write_from(offset, skip, count, stream, None)
+        # werkzeug's streams, DirectInput: a bounded buffer, reused across requests.
+        buf = _take_buffer()
+        try:
+            return self._write_from(offset, skip, count, stream, buf)
+        finally:
+            _give_back(buf)
+
+    def _write_from(
+        self, offset: int, skip: int, count: int, stream: t.Any, buf: memoryview | None
+    ) -> int:
+        """:meth:`write` through ``buf`` with ``readinto``, or with ``read`` if None."""
+        readinto = stream.readinto if buf is not None else None
+        view = buf if buf is not None else memoryview(b"")
+        size = min(CHUNK_SIZE if buf is None else len(buf), max(count, skip, 1))
 
         def read(n: int) -> memoryview | bytes:
             # Empty means the body ended early; a stalled read (BITS_READ_TIMEOUT) raises
             # BodyTimeout. Either way the caller keeps what was stored before.
             try:
                 if readinto is not None:
-                    return buf[: readinto(buf[:n]) or 0]
+                    return view[: readinto(view[:n]) or 0]
                 data: bytes = stream.read(n)
                 return data
             except (TimeoutError, BlockingIOError):  # BlockingIOError: SO_RCVTIMEO

@@ -86,6 +86,18 @@ def test_a_short_body_entirely_in_the_read_ahead(pair: t.Any) -> None:
     assert body.reader.unreader.read() == nxt
 
 
+def test_read_ahead_is_handed_out_without_waiting_for_more(pair: t.Any) -> None:
+    a, b = pair
+    body = gunicorn_body(a, 10_000, read_ahead=b"h" * 1000)
+    reader = direct_input({"gunicorn.socket": a, "wsgi.input": body})
+    assert reader is not None
+    buf = memoryview(bytearray(8192))
+    assert reader.readinto(buf) == 1000  # nothing else has arrived: no blocking read
+    assert body.failed is False and body.reader.length == 9000
+    b.sendall(b"r" * 9000)
+    assert read_all(reader) == b"r" * 9000
+
+
 def test_what_the_application_already_read_is_not_handed_out_again(pair: t.Any) -> None:
     a, b = pair
     payload = os.urandom(20_000)

@@ -231,6 +231,27 @@ def test_write_larger_than_the_chunk_size(store: SessionStore) -> None:
     assert Path(store.data_path(state.id)).read_bytes() == data
 
 
+def test_write_buffers_are_reused_and_bounded(store: SessionStore) -> None:
+    """Concurrent fragments never share a buffer; afterwards a few spares are kept for
+    reuse, not one per request that was ever in flight."""
+    from flask_bits import store as store_module
+
+    taken = [store_module._take_buffer() for _ in range(store_module.SPARE_BUFFERS + 4)]
+    assert len({id(b.obj) for b in taken}) == len(taken)
+    assert all(len(b) == store_module.BUFFER_SIZE for b in taken)
+    for buf in taken:
+        store_module._give_back(buf)
+    assert len(store_module._spare_buffers) == store_module.SPARE_BUFFERS
+    spare = set(map(id, store_module._spare_buffers))
+    state = new_session(store)
+    data = os.urandom(3 * store_module.BUFFER_SIZE + 5)
+    with open_session(store, state) as session:
+        assert session.write(0, 0, len(data), io.BytesIO(data)) == len(data)
+    assert Path(store.data_path(state.id)).read_bytes() == data
+    # The write borrowed a spare buffer and gave it back.
+    assert set(map(id, store_module._spare_buffers)) == spare
+
+
 def test_write_with_a_read_only_stream(store: SessionStore) -> None:
     class Reader:
         def __init__(self, data: bytes) -> None:
