@@ -10,6 +10,7 @@ from __future__ import annotations
 import typing as t
 import weakref
 
+import flask
 from flask import Flask
 from flask import current_app
 from flask import g
@@ -23,6 +24,7 @@ from .constants import ACK
 from .constants import BITS_POST
 from .constants import Header
 from .constants import PacketType
+from .server import AckResponse
 from .server import Authorizer
 from .server import BITSServer
 from .server import Identifier
@@ -129,6 +131,8 @@ class BITS:
             from .reply import ReplyManager
 
             server.replies = ReplyManager(server, handler=self._reply_handler)
+        if app.response_class is flask.Response:
+            server.response_class = FlaskAckResponse
         directories[self.name] = server
 
         if "bitspath" not in app.url_map.converters:
@@ -150,6 +154,11 @@ class BITS:
         """The :class:`BITSServer` of directory ``name`` on ``app`` (or the current app)."""
         server: BITSServer = (app or current_app).extensions["bits"][name]
         return server
+
+
+class FlaskAckResponse(AckResponse, flask.Response):
+    """An Ack that is already a ``flask.Response``: Flask would otherwise convert it
+    (``force_type``), losing :class:`AckResponse`'s cheaper header handling."""
 
 
 def flask_identity(req: Request) -> str | None:

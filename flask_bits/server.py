@@ -7,6 +7,7 @@ Flask: the Flask extension and the WSGI middleware are thin glue around
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import socket
@@ -88,7 +89,7 @@ _ENV_SESSION_ID = "HTTP_BITS_SESSION_ID"
 class AckResponse(Response):
     """A response that carries no body and no ``Content-Type`` (PROTOCOL.md T7)."""
 
-    default_mimetype = None
+    default_mimetype: str | None = None
 
     def get_wsgi_headers(self, environ: WSGIEnvironment) -> Headers:
         """The headers as they are: an Ack has no body, no ``Location`` and its own
@@ -150,6 +151,9 @@ class BITSServer:
             PacketType.CANCEL_SESSION: self._cancel_session,
         }
         self._last_cleanup_check = 0.0
+        #: The class of Ack responses (the Flask extension uses one that is also the
+        #: app's response class, so that Flask sends it as it is).
+        self.response_class: type[AckResponse] = AckResponse
 
     # -- entry point ---------------------------------------------------------------
 
@@ -177,7 +181,7 @@ class BITSServer:
             result = self.error_ack(InternalError(), echoed_session_id(request, parsed))
         if isinstance(result, Response):  # e.g. a 401 challenge from the authorize hook
             result = self._ack_for(result, echoed_session_id(request, parsed))
-        self._log(result, parsed.value if parsed else packet_name, size, started)
+        self._log(result, parsed.value if parsed else _printable(packet_name), size, started)
         self.on_event("packet-handled", packet_type=parsed.value if parsed else "unknown",
                       status=result.status, bytes=size, duration=time.monotonic() - started)
         return result
@@ -192,7 +196,7 @@ class BITSServer:
 
     def ack_response(self, ack: Ack) -> Response:
         """Turn an :class:`Ack` into a bodiless werkzeug response."""
-        return AckResponse(b"", status=ack.status, headers=self.ack_headers(ack))
+        return self.response_class(None, status=ack.status, headers=self.ack_headers(ack))
 
     def as_ack(self, response: Response, session_id: str | None = None) -> Response:
         """Turn any response to a ``BITS_POST`` (an auth challenge, a werkzeug error page)
@@ -223,11 +227,11 @@ class BITSServer:
             return
         ms = (time.monotonic() - started) * 1000
         if error is None:
-            log.info("%s session=%s status=%d bytes=%d %.1fms", _printable(packet),
+            log.info("%s session=%s status=%d bytes=%d %.1fms", packet,
                      ack.session_id or "-", ack.status, size, ms)
         else:
             log.log(level, "%s session=%s status=%d hresult=0x%08X bytes=%d %.1fms: %s",
-                    _printable(packet), ack.session_id or "-", ack.status,
+                    packet, ack.session_id or "-", ack.status,
                     error.hresult & 0xFFFFFFFF, size, ms, error.message)
 
     def _dispatch(self, request: Request, remote_path: str) -> Ack | Response:
@@ -542,6 +546,7 @@ class _read_timeout:
 _KERNEL_TIMEOUT = sys.platform.startswith("linux")
 
 
+@functools.lru_cache(maxsize=16)
 def _timeval(seconds: float) -> bytes:
     """``seconds`` as a timeval; 0 means no timeout, so a positive value stays >= 1 µs."""
     micros = max(1, round(seconds * 1_000_000)) if seconds > 0 else 0

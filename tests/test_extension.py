@@ -265,3 +265,37 @@ def test_other_routes_of_the_app_are_untouched(app: Flask) -> None:
     lookalike = bits_post(client, "/bitsy/file.bin", "Ping")  # not under "/bits"
     assert lookalike.status_code == 404
     assert "BITS-Packet-Type" not in lookalike.headers
+
+
+@pytest.mark.parametrize("custom_response_class", [False, True])
+def test_acks_keep_what_after_request_hooks_add(
+    make_app: t.Callable[..., Flask], custom_response_class: bool
+) -> None:
+    """Flask sends the Ack as the view built it (no conversion, no Content-Type), and
+    what the app's after_request hooks add still goes out; with an app-specific
+    response class Flask converts the Ack, and the answer is the same."""
+    from flask import Response as FlaskResponse
+
+    class AppResponse(FlaskResponse):
+        pass
+
+    app = make_app(init=False)
+    if custom_response_class:
+        app.response_class = AppResponse
+    BITS(app)
+    sent: list[type] = []
+
+    @app.after_request
+    def stamp(response: t.Any) -> t.Any:
+        sent.append(type(response))
+        response.headers["X-Stamp"] = "1"
+        return response
+
+    reply = bits_post(app.test_client(), "/bits/f.bin", "Ping")
+    assert_ack(reply, 200)
+    assert reply.headers["X-Stamp"] == "1"
+    assert "Content-Type" not in reply.headers
+    assert reply.headers["Content-Length"] == "0" and reply.get_data() == b""
+    assert issubclass(sent[0], AppResponse if custom_response_class else FlaskResponse)
+    server = BITS.get_server(app=app)
+    assert (server.response_class.__name__ == "FlaskAckResponse") is not custom_response_class
