@@ -60,9 +60,9 @@ class DirectInput:
                 got = self._sock.recv_into(buf[n:], min(len(buf) - n, left), socket.MSG_DONTWAIT)
             else:
                 got = self._sock.recv_into(buf, min(len(buf), left))
-        except BlockingIOError:
-            if n:
-                return n  # nothing more yet: the next call waits for it
+        except (BlockingIOError, TimeoutError):
+            if n:  # nothing more yet (a socket with a Python timeout polls first)
+                return n  # the next call waits for it
             self._body.failed = True
             raise
         except BaseException:

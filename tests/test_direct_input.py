@@ -86,8 +86,12 @@ def test_a_short_body_entirely_in_the_read_ahead(pair: t.Any) -> None:
     assert body.reader.unreader.read() == nxt
 
 
-def test_read_ahead_is_handed_out_without_waiting_for_more(pair: t.Any) -> None:
+@pytest.mark.parametrize("python_timeout", [None, 0.05])
+def test_read_ahead_is_handed_out_without_waiting_for_more(
+    pair: t.Any, python_timeout: float | None
+) -> None:
     a, b = pair
+    a.settimeout(python_timeout)
     body = gunicorn_body(a, 10_000, read_ahead=b"h" * 1000)
     reader = direct_input({"gunicorn.socket": a, "wsgi.input": body})
     assert reader is not None
