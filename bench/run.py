@@ -1,6 +1,6 @@
 """Throughput and cost of flask-bits against the limit of its own stack, in one run.
 
-    python bench/run.py                      # the full benchmark (8-15 minutes)
+    python bench/run.py                      # the default variants (5-10 minutes)
     python bench/run.py --smoke --reps 1     # tiny sizes, ~10 seconds
     python bench/run.py --only w1,w3 --reps 5 --out results.md
     python bench/run.py --patched /tmp/fb-patched   # adds B' (a patched flask_bits copy)
