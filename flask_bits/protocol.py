@@ -163,6 +163,8 @@ def check_header_sizes(items: t.Iterable[tuple[str, str]]) -> None:
 
 
 _CONTROL_RE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+
+
 def check_environ_header_sizes(environ: t.Mapping[str, t.Any]) -> None:
     """:func:`check_header_sizes` for the request headers of a WSGI ``environ``, read
     straight from it (the per-packet path; werkzeug's header view costs more).

@@ -499,7 +499,7 @@ def _take_buffer() -> memoryview:
 
 
 def _give_back(buf: memoryview) -> None:
-    if len(buf) == BUFFER_SIZE and len(_spare_buffers) < SPARE_BUFFERS:
+    if len(_spare_buffers) < SPARE_BUFFERS:
         _spare_buffers.append(buf)
 
 
@@ -551,33 +551,33 @@ class Session:
         ``count`` means the body ended early (client gone). Data is flushed (and
         fsynced when configured) before returning, so the caller may acknowledge it.
         """
-        if getattr(stream, "readinto", None) is None:
+        readinto = getattr(stream, "readinto", None)
+        if readinto is None:
             # gunicorn's own body hands out a new bytes object per read anyway: write
             # that as it is instead of copying it into a buffer first.
-            return self._write_from(offset, skip, count, stream, None)
+            return self._stream_to_file(offset, skip, count, stream.read, CHUNK_SIZE)
         # werkzeug's streams, DirectInput: a bounded buffer, reused across requests.
         buf = _take_buffer()
         try:
-            return self._write_from(offset, skip, count, stream, buf)
+            return self._stream_to_file(
+                offset, skip, count, lambda n: buf[: readinto(buf[:n]) or 0], len(buf)
+            )
         finally:
             _give_back(buf)
 
-    def _write_from(
-        self, offset: int, skip: int, count: int, stream: t.Any, buf: memoryview | None
+    def _stream_to_file(
+        self, offset: int, skip: int, count: int,
+        read_some: t.Callable[[int], bytes | memoryview], chunk_size: int,
     ) -> int:
-        """:meth:`write` through ``buf`` with ``readinto``, or with ``read`` if None."""
-        readinto = stream.readinto if buf is not None else None
-        view = buf if buf is not None else memoryview(b"")
-        size = min(CHUNK_SIZE if buf is None else len(buf), max(count, skip, 1))
+        """:meth:`write`, reading with ``read_some(n)`` (at most ``n`` bytes, empty at
+        the end of the body) in pieces of at most ``chunk_size``."""
+        size = min(chunk_size, max(count, skip, 1))
 
-        def read(n: int) -> memoryview | bytes:
+        def read(n: int) -> bytes | memoryview:
             # Empty means the body ended early; a stalled read (BITS_READ_TIMEOUT) raises
             # BodyTimeout. Either way the caller keeps what was stored before.
             try:
-                if readinto is not None:
-                    return view[: readinto(view[:n]) or 0]
-                data: bytes = stream.read(n)
-                return data
+                return read_some(n)
             except (TimeoutError, BlockingIOError):  # BlockingIOError: SO_RCVTIMEO
                 raise BodyTimeout() from None
             except (OSError, ValueError):
